@@ -1,0 +1,103 @@
+"""The one error hierarchy of thinpool.
+
+Every error the library raises on purpose is a :class:`ThinpoolError`. Each class carries the CLI
+exit code it maps to (``exit_code``), so the command line turns any of them into one readable line
+and that code without knowing the class. Errors keep their evidence as attributes (the block, the
+expected and found values) so tools and tests can inspect them, not only read the message.
+
+Exit codes (see DESIGN.md): 0 success, 1 failure, 2 bad usage or argument, 3 metadata corrupt,
+4 out of space, 5 busy.
+"""
+
+from __future__ import annotations
+
+
+class ThinpoolError(Exception):
+    """Base class of every error thinpool raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidArgument(ThinpoolError, ValueError):
+    """A caller passed a value the library cannot accept (bad size, name, offset, block size)."""
+
+    exit_code = 2
+
+
+class NotFound(ThinpoolError, LookupError):
+    """A pool, volume or device id that does not exist."""
+
+    exit_code = 1
+
+
+class AlreadyExists(ThinpoolError):
+    """A pool, volume or device id that exists already."""
+
+    exit_code = 1
+
+
+class OutOfRange(InvalidArgument):
+    """An I/O request that reaches past the end of a volume."""
+
+
+class ReadOnlyError(ThinpoolError):
+    """A write was attempted on a pool opened read-only or in a degraded mode."""
+
+    exit_code = 1
+
+
+class BusyError(ThinpoolError):
+    """The pool is locked by another process, or a device is in use."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, holder_pid: int | None = None):
+        super().__init__(message)
+        self.holder_pid = holder_pid
+
+
+class NoSpace(ThinpoolError):
+    """Base for running out of space."""
+
+    exit_code = 4
+
+
+class NoDataSpace(NoSpace):
+    """No free data block is left in the pool for a write that needs one."""
+
+
+class NoMetadataSpace(NoSpace):
+    """No free metadata block is left for the current transaction."""
+
+
+class MetadataError(ThinpoolError):
+    """The metadata is damaged or not dm-thin metadata at all."""
+
+    exit_code = 3
+
+
+class CorruptBlock(MetadataError):
+    """A metadata block failed validation: which block, which kind, which check."""
+
+    def __init__(self, block: int, kind: str, check: str, detail: str = ""):
+        msg = f"metadata block {block} ({kind}): {check}"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+        self.block = block
+        self.kind = kind
+        self.check = check
+        self.detail = detail
+
+
+class ChecksumMismatch(CorruptBlock):
+    """A block's stored checksum differs from the one computed over its bytes."""
+
+    def __init__(self, block: int, kind: str, expected: int, got: int):
+        super().__init__(block, kind, "bad checksum", f"stored {expected:#010x}, computed {got:#010x}")
+        self.expected = expected
+        self.got = got
+
+
+class IncompatibleMetadata(MetadataError):
+    """Valid-looking metadata that this implementation must not open (feature flags, version)."""

@@ -1,0 +1,389 @@
+"""A generic persistent B-tree in the kernel's on-disk node format (dm-btree).
+
+One :class:`BTree` object serves one kind of tree; what the values mean is supplied by a
+:class:`ValueType` (numpy dtype plus ``inc``/``dec``/``equal`` callbacks, the kernel's
+``dm_btree_value_type``). Reference-count side effects happen only in those callbacks:
+
+* ``inc(values)`` runs when a shared leaf is copied (every value gains a parent);
+* ``dec(values)`` runs when values leave the tree: an overwritten value (unless ``equal``), a
+  removed key, every value of a leaf freed by :meth:`BTree.delete`.
+
+A tree is named by its root block. Every mutating call returns the new root (the root moves when
+it is shadowed for the first time in a transaction) and never touches the caller's other trees.
+
+Invariants kept (what ``thin_check`` enforces): keys strictly increasing in a node and across
+leaves; internal key ``i`` equals the first key below child ``i``; all leaves at one depth;
+every non-root node holds at least ``max_entries // 3`` entries; an empty tree is an empty leaf.
+
+Algorithms, all top-down with a shadow spine like the kernel's:
+
+* insert: a full node on the path is split before it is entered (a full root is split beneath
+  itself, so the root block never moves because of a split); O(depth) node copies at most.
+* remove: before entering child ``i`` it is rebalanced with its siblings so it holds more than
+  the minimum; two siblings merge when they fit in one node with room to spare, three become two
+  when they fit, otherwise entries are spread evenly. A root with a single child absorbs it.
+* delete: depth first; a node shared with another tree is only decremented.
+
+Values are numpy scalars of the value type's dtype: ``np.uint64`` for 8-byte values, structured
+records for details and index entries. Costs: lookup O(depth) node reads (cached below);
+insert/remove O(depth) plus O(max_entries) shifting per node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import CorruptBlock
+from . import format as fmt
+from .block import NODE_VALIDATOR
+from .transaction import TransactionManager
+
+_HDR = fmt.NODE_HEADER
+
+
+def _noop(values: np.ndarray) -> None:
+    return None
+
+
+@dataclass
+class ValueType:
+    """How a tree's values are stored and what holding one means for reference counts."""
+
+    name: str
+    dtype: np.dtype
+    inc: Callable[[np.ndarray], None] = _noop
+    dec: Callable[[np.ndarray], None] = _noop
+    equal: Callable[[object, object], bool] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def max_entries(self) -> int:
+        return fmt.max_entries_for(self.size)
+
+
+class Node:
+    """numpy views over one node's buffer. Writable when the buffer is a ``bytearray``."""
+
+    __slots__ = ("block", "buf", "flags", "nr", "max", "vsize", "keys", "values")
+
+    def __init__(self, block: int, buf, leaf_dtype: np.dtype):
+        self.block = block
+        self.buf = buf
+        _, flags, _, nr, mx, vs, _ = _HDR.unpack_from(buf, 0)
+        self.flags = flags
+        self.nr = nr
+        self.max = mx
+        self.vsize = vs
+        leaf = flags == fmt.LEAF_NODE
+        dt = leaf_dtype if leaf else fmt.U64
+        if vs != dt.itemsize:
+            kind = "leaf" if leaf else "internal node"
+            raise CorruptBlock(block, "btree node", "wrong value size",
+                               f"{kind} has value_size {vs}, expected {dt.itemsize}")
+        self.keys = np.frombuffer(buf, fmt.U64, mx, 32)
+        self.values = np.frombuffer(buf, dt, mx, 32 + 8 * mx)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.flags == fmt.LEAF_NODE
+
+    def set_nr(self, n: int) -> None:
+        old = self.nr
+        if n < old:  # keep unused slots zero
+            self.keys[n:old] = 0
+            self.values[n:old] = np.zeros(old - n, self.values.dtype)
+        self.nr = n
+        _HDR.pack_into(self.buf, 0, 0, self.flags, 0, n, self.max, self.vsize, 0)
+
+    def lower(self, key: int) -> int:
+        """Index of the largest key <= ``key``, or -1."""
+        return int(np.searchsorted(self.keys[: self.nr], np.uint64(key), side="right")) - 1
+
+
+def init_node(buf: bytearray, flags: int, value_size: int) -> None:
+    mx = fmt.max_entries_for(value_size)
+    buf[:] = bytes(fmt.BLOCK_SIZE)
+    _HDR.pack_into(buf, 0, 0, flags, 0, 0, mx, value_size, 0)
+
+
+class BTree:
+    """Operations on trees of one value type inside one transaction manager."""
+
+    def __init__(self, tm: TransactionManager, vt: ValueType):
+        self.tm = tm
+        self.vt = vt
+
+    # -- node access -------------------------------------------------------------------------
+    def node(self, b: int) -> Node:
+        return Node(b, self.tm.read(b, NODE_VALIDATOR), self.vt.dtype)
+
+    def _new_node(self, flags: int) -> Node:
+        b, buf = self.tm.new_block(NODE_VALIDATOR)
+        vs = self.vt.size if flags == fmt.LEAF_NODE else 8
+        init_node(buf, flags, vs)
+        return Node(b, buf, self.vt.dtype)
+
+    def _shadow(self, b: int) -> Node:
+        nb, buf, shared = self.tm.shadow(b, NODE_VALIDATOR)
+        n = Node(nb, buf, self.vt.dtype)
+        if shared and n.nr:
+            if n.is_leaf:
+                self.vt.inc(n.values[: n.nr].copy())
+            else:
+                for c in n.values[: n.nr].tolist():
+                    self.tm.inc(c)
+        return n
+
+    def empty(self) -> int:
+        """Allocate an empty tree (one empty leaf) and return its root."""
+        return self._new_node(fmt.LEAF_NODE).block
+
+    # -- reading -----------------------------------------------------------------------------
+    def lookup(self, root: int, key: int):
+        b = root
+        while True:
+            n = self.node(b)
+            i = n.lower(key)
+            if i < 0:
+                return None
+            if n.is_leaf:
+                return n.values[i] if int(n.keys[i]) == key else None
+            b = int(n.values[i])
+
+    def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (keys, values) array pairs, leaf by leaf, for keys in [lo, hi), in key order."""
+        stack = [root]
+        while stack:
+            n = self.node(stack.pop())
+            keys = n.keys[: n.nr]
+            if n.is_leaf:
+                a = int(np.searchsorted(keys, np.uint64(lo), side="left")) if lo else 0
+                z = n.nr if hi is None else int(np.searchsorted(keys, np.uint64(hi), side="left"))
+                if a < z:
+                    yield keys[a:z].copy(), n.values[a:z].copy()
+                continue
+            a = max(n.lower(lo), 0) if lo else 0
+            z = n.nr if hi is None else int(np.searchsorted(keys, np.uint64(hi), side="left"))
+            stack.extend(reversed(n.values[a:z].tolist()))
+
+    def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, object]]:
+        for keys, values in self.leaves(root, lo, hi):
+            yield from zip(keys.tolist(), values.tolist() if values.dtype.names is None else values)
+
+    def count(self, root: int) -> int:
+        return sum(len(k) for k, _ in self.leaves(root))
+
+    # -- insert ------------------------------------------------------------------------------
+    def _full(self, n: Node, key: int) -> bool:
+        if n.nr < n.max:
+            return False
+        if n.is_leaf:
+            i = n.lower(key)
+            return not (i >= 0 and int(n.keys[i]) == key)
+        return True
+
+    def insert(self, root: int, key: int, value, *, callbacks: bool = True):
+        """Insert or overwrite ``key``. Returns (new_root, old_value or None)."""
+        n = self._shadow(root)
+        root = n.block
+        if self._full(n, key):
+            self._split_beneath(n)
+        while not n.is_leaf:
+            i = n.lower(key)
+            if i < 0:
+                i = 0
+                n.keys[0] = key
+            child = self._shadow(int(n.values[i]))
+            n.values[i] = child.block
+            if self._full(child, key):
+                right = self._split(child)
+                self._insert_at(n, i + 1, int(right.keys[0]), right.block)
+                if key >= int(right.keys[0]):
+                    child = right
+            n = child
+        i = int(np.searchsorted(n.keys[: n.nr], np.uint64(key), side="left"))
+        if i < n.nr and int(n.keys[i]) == key:
+            old = n.values[i].copy()
+            n.values[i] = value
+            if callbacks and not (self.vt.equal and self.vt.equal(old, value)):
+                self.vt.dec(np.atleast_1d(old))
+            return root, old
+        self._insert_at(n, i, key, value)
+        return root, None
+
+    @staticmethod
+    def _insert_at(n: Node, i: int, key: int, value) -> None:
+        nr = n.nr
+        if i < nr:
+            n.keys[i + 1: nr + 1] = n.keys[i:nr].copy()
+            n.values[i + 1: nr + 1] = n.values[i:nr].copy()
+        n.keys[i] = key
+        n.values[i] = value
+        n.set_nr(nr + 1)
+
+    def _split_beneath(self, n: Node) -> None:
+        """Split a full root into two new children; the root stays in place as an internal node."""
+        left = self._new_node(n.flags)
+        right = self._new_node(n.flags)
+        nr = n.nr
+        h = nr // 2
+        left.keys[:h] = n.keys[:h]
+        left.values[:h] = n.values[:h]
+        left.set_nr(h)
+        right.keys[: nr - h] = n.keys[h:nr]
+        right.values[: nr - h] = n.values[h:nr]
+        right.set_nr(nr - h)
+        init_node(n.buf, fmt.INTERNAL_NODE, 8)
+        root = Node(n.block, n.buf, self.vt.dtype)
+        root.keys[0] = left.keys[0]
+        root.values[0] = left.block
+        root.keys[1] = right.keys[0]
+        root.values[1] = right.block
+        root.set_nr(2)
+        # Let the caller's node object become the new internal root.
+        for slot in Node.__slots__:
+            setattr(n, slot, getattr(root, slot))
+
+    def _split(self, n: Node) -> Node:
+        """Move the upper half of ``n`` into a new right sibling, which is returned."""
+        right = self._new_node(n.flags)
+        nr = n.nr
+        h = nr // 2
+        right.keys[: nr - h] = n.keys[h:nr]
+        right.values[: nr - h] = n.values[h:nr]
+        right.set_nr(nr - h)
+        n.set_nr(h)
+        return right
+
+    # -- remove ------------------------------------------------------------------------------
+    def remove(self, root: int, key: int, *, callbacks: bool = True):
+        """Remove ``key``. Returns (new_root, old_value or None); an absent key changes nothing."""
+        if self.lookup(root, key) is None:
+            return root, None
+        n = self._shadow(root)
+        root = n.block
+        while not n.is_leaf:
+            if n.nr == 1:
+                self._absorb_child(n)
+                continue
+            self._rebalance(n, n.lower(key))
+            i = n.lower(key)
+            child = self._shadow(int(n.values[i]))
+            n.values[i] = child.block
+            n = child
+        i = n.lower(key)
+        old = n.values[i].copy()
+        nr = n.nr
+        n.keys[i: nr - 1] = n.keys[i + 1: nr].copy()
+        n.values[i: nr - 1] = n.values[i + 1: nr].copy()
+        n.set_nr(nr - 1)
+        if callbacks:
+            self.vt.dec(np.atleast_1d(old))
+        return root, old
+
+    def _absorb_child(self, n: Node) -> None:
+        """A root with one child takes the child's contents; the tree gets one level shorter."""
+        cb = int(n.values[0])
+        shared = self.tm.sm.get(cb) > 1
+        child = self.node(cb)
+        n.buf[:] = child.buf
+        fresh = Node(n.block, n.buf, self.vt.dtype)
+        for slot in Node.__slots__:
+            setattr(n, slot, getattr(fresh, slot))
+        if shared and n.nr:
+            if n.is_leaf:
+                self.vt.inc(n.values[: n.nr].copy())
+            else:
+                for c in n.values[: n.nr].tolist():
+                    self.tm.inc(c)
+        self.tm.dec(cb)
+
+    def _rebalance(self, parent: Node, i: int) -> None:
+        """Give child ``i`` more than the minimum before a removal descends into it."""
+        if i == 0:
+            self._rebalance2(parent, 0)
+        elif i == parent.nr - 1:
+            self._rebalance2(parent, i - 1)
+        else:
+            self._rebalance3(parent, i - 1)
+
+    def _children(self, parent: Node, first: int, count: int) -> list[Node]:
+        out = []
+        for j in range(first, first + count):
+            c = self._shadow(int(parent.values[j]))
+            parent.values[j] = c.block
+            out.append(c)
+        return out
+
+    @staticmethod
+    def _spread(nodes: list[Node], sizes: list[int]) -> None:
+        keys = np.concatenate([n.keys[: n.nr] for n in nodes])
+        vals = np.concatenate([n.values[: n.nr] for n in nodes])
+        off = 0
+        for n, s in zip(nodes, sizes):
+            if s < n.nr:
+                n.set_nr(s)
+            n.keys[:s] = keys[off: off + s]
+            n.values[:s] = vals[off: off + s]
+            n.set_nr(s)
+            off += s
+
+    def _drop_child(self, parent: Node, j: int, child: Node) -> None:
+        nr = parent.nr
+        parent.keys[j: nr - 1] = parent.keys[j + 1: nr].copy()
+        parent.values[j: nr - 1] = parent.values[j + 1: nr].copy()
+        parent.set_nr(nr - 1)
+        child.set_nr(0)
+        self.tm.dec(child.block)
+
+    def _rebalance2(self, parent: Node, j: int) -> None:
+        left, right = self._children(parent, j, 2)
+        total = left.nr + right.nr
+        third = left.max // 3
+        if total < 2 * (third + 1):
+            self._spread([left, right], [total, 0])
+            self._drop_child(parent, j + 1, right)
+        else:
+            h = total // 2
+            self._spread([left, right], [h, total - h])
+            parent.keys[j + 1] = right.keys[0]
+
+    def _rebalance3(self, parent: Node, j: int) -> None:
+        left, centre, right = self._children(parent, j, 3)
+        total = left.nr + centre.nr + right.nr
+        third = left.max // 3
+        if total <= 4 * third:
+            h = total // 2
+            self._spread([left, centre, right], [h, 0, total - h])
+            parent.keys[j + 2] = right.keys[0]
+            self._drop_child(parent, j + 1, centre)
+        else:
+            a = total // 3
+            b = (total - a) // 2
+            self._spread([left, centre, right], [a, b, total - a - b])
+            parent.keys[j + 1] = centre.keys[0]
+            parent.keys[j + 2] = right.keys[0]
+
+    # -- delete ------------------------------------------------------------------------------
+    def delete(self, root: int) -> None:
+        """Drop a whole tree: shared nodes are decremented, unshared ones freed with their values."""
+        sm = self.tm.sm
+        stack = [root]
+        while stack:
+            b = stack.pop()
+            if sm.get(b) > 1:
+                self.tm.dec(b)
+                continue
+            n = self.node(b)
+            if n.is_leaf:
+                if n.nr:
+                    self.vt.dec(n.values[: n.nr].copy())
+            else:
+                stack.extend(n.values[: n.nr].tolist())
+            self.tm.dec(b)

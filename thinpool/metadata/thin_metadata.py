@@ -1,0 +1,373 @@
+"""dm-thin pool metadata: superblock, device details, the two-level mapping tree, transactions.
+
+This is the kernel's ``dm-thin-metadata.c`` in Python, on top of the block manager, transaction
+manager, space maps and B-trees of this package.
+
+State and guarantees:
+
+* Thin devices are 24-bit ids. Each has details (``mapped_blocks``, ``transaction_id``,
+  ``creation_time``, ``snapshotted_time``) and a mapping tree ``virtual block -> (data block << 24 |
+  time)`` whose root is held in the top-level tree ``dev_id -> root``.
+* :meth:`create_snap` is O(1): the origin's root gains one reference, the snapshot points at the
+  same root and the pool ``time`` goes up by one. Sharing is broken lazily by copy-on-write when a
+  shared node is shadowed (its children gain a reference) - never at snapshot time.
+* A mapping ``(block, t)`` of device ``d`` is *shared* when ``d.snapshotted_time > t``
+  (:meth:`is_shared`), the kernel's conservative rule; writers must then copy the data block.
+* Device roots and details live in memory during a transaction and are written into the trees at
+  :meth:`commit`, which then commits the data space map, the metadata space map, every other block
+  and last the superblock (flushing before and after it). After a crash the metadata is exactly
+  the last commit. :meth:`abort` throws the transaction away and re-reads the superblock.
+* Errors: :class:`~thinpool.errors.MetadataError` subclasses for damage, ``NotFound`` /
+  ``AlreadyExists`` for device ids, ``NoMetadataSpace`` / ``NoDataSpace`` when space runs out.
+
+Costs: lookup/insert/remove of one mapping O(log n) node reads; create_thin/create_snap O(1);
+delete O(unshared nodes of the device); commit O(changed blocks) plus vectorised space-map diffs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument, MetadataError,
+                      NotFound, ReadOnlyError)
+from . import format as fmt
+from .block import SUPERBLOCK_VALIDATOR, BlockManager
+from .btree import BTree, ValueType
+from .space_map import DataSpaceMap, MetadataSpaceMap
+from .transaction import TransactionManager
+
+
+@dataclass
+class Device:
+    """Mutable in-memory copy of one device's details."""
+
+    dev_id: int
+    mapped_blocks: int
+    transaction_id: int
+    creation_time: int
+    snapshotted_time: int
+
+    def record(self) -> np.ndarray:
+        return np.array((self.mapped_blocks, self.transaction_id, self.creation_time,
+                         self.snapshotted_time), dtype=fmt.DETAILS_DTYPE)
+
+
+class ThinMetadata:
+    """An open pool-metadata device."""
+
+    def __init__(self, bm: BlockManager):
+        self.bm = bm
+        self.read_only = bm.read_only
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def format(cls, path, data_block_size: int, nr_data_blocks: int) -> "ThinMetadata":
+        """Write a fresh, empty pool's metadata to ``path`` (an existing file or block device).
+
+        ``data_block_size`` is in 512-byte sectors."""
+        check_data_block_size(data_block_size)
+        bm = BlockManager(path)
+        try:
+            if bm.nr_blocks < 16:
+                raise InvalidArgument(f"metadata device {bm.path} is too small "
+                                      f"({bm.nr_blocks} blocks of 4 KiB; at least 16 needed)")
+            self = cls(bm)
+            self.metadata_sm = MetadataSpaceMap(bm.nr_blocks)
+            self.metadata_sm.counts[0] = 1          # the superblock
+            self.tm = TransactionManager(bm, self.metadata_sm)
+            self._trees()
+            self.metadata_sm.create_on_disk(self.tm)
+            self.data_sm = DataSpaceMap(nr_data_blocks)
+            self.data_sm.create_on_disk(self.tm)
+            self.details_root = self.details_tree.empty()
+            self.top_root = self.top_tree.empty()
+            self.sb = fmt.Superblock(
+                flags=0, blocknr=0, uuid=bytes(16), magic=fmt.THIN_MAGIC,
+                version=fmt.METADATA_VERSION, time=0, trans_id=0, metadata_snap=0,
+                data_sm_root=bytes(128), metadata_sm_root=bytes(128), data_mapping_root=0,
+                device_details_root=0, data_block_size=data_block_size,
+                metadata_block_size=fmt.METADATA_BLOCK_SECTORS,
+                metadata_nr_blocks=self.metadata_sm.nr_blocks, compat_flags=0,
+                compat_ro_flags=0, incompat_flags=0)
+            self.time = 0
+            self.trans_id = 0
+            self.devices: dict[int, Device] = {}
+            self.roots: dict[int, int] = {}
+            self._reset_changes()
+            self.commit()
+            return self
+        except BaseException:
+            bm.close()
+            raise
+
+    @classmethod
+    def open(cls, path, read_only: bool = False) -> "ThinMetadata":
+        bm = BlockManager(path, read_only=read_only)
+        try:
+            self = cls(bm)
+            self._load()
+            return self
+        except BaseException:
+            bm.close()
+            raise
+
+    def _trees(self) -> None:
+        self.mapping_vt = ValueType("mapping", fmt.U64, inc=self._inc_data, dec=self._dec_data,
+                                    equal=lambda a, b: (int(a) >> 24) == (int(b) >> 24))
+        self.mapping_tree = BTree(self.tm, self.mapping_vt)
+        self.top_tree = BTree(self.tm, ValueType("top level", fmt.U64, inc=self._inc_roots,
+                                                 dec=self._dec_roots))
+        self.details_tree = BTree(self.tm, ValueType("device details", fmt.DETAILS_DTYPE))
+
+    def _inc_data(self, values: np.ndarray) -> None:
+        self.data_sm.inc_many(values >> np.uint64(24))
+
+    def _dec_data(self, values: np.ndarray) -> None:
+        self.data_sm.dec_many(values >> np.uint64(24))
+
+    def _inc_roots(self, values: np.ndarray) -> None:
+        for r in values.tolist():
+            self.tm.inc(r)
+
+    def _dec_roots(self, values: np.ndarray) -> None:
+        for r in values.tolist():
+            self.mapping_tree.delete(r)
+
+    def _load(self) -> None:
+        raw = self.bm.read(fmt.SUPERBLOCK_LOCATION, SUPERBLOCK_VALIDATOR)
+        sb = fmt.Superblock.unpack(raw)
+        if sb.magic != fmt.THIN_MAGIC:
+            raise MetadataError(f"{self.bm.path} is not dm-thin pool metadata (bad magic {sb.magic:#x})")
+        if sb.version not in fmt.SUPPORTED_VERSIONS:
+            raise IncompatibleMetadata(f"unsupported metadata version {sb.version}")
+        if sb.incompat_flags:
+            raise IncompatibleMetadata(f"metadata uses unknown incompatible features {sb.incompat_flags:#x}")
+        if sb.compat_ro_flags and not self.read_only:
+            raise IncompatibleMetadata("metadata uses features that allow read-only use only")
+        if sb.metadata_block_size != fmt.METADATA_BLOCK_SECTORS:
+            raise IncompatibleMetadata(f"metadata block size {sb.metadata_block_size} sectors is not 8")
+        check_data_block_size(sb.data_block_size, corrupt=True)
+        msm_root = sb.metadata_sm
+        if msm_root.nr_blocks > self.bm.nr_blocks:
+            raise MetadataError(f"metadata space map covers {msm_root.nr_blocks} blocks but the "
+                                f"device has only {self.bm.nr_blocks}")
+        self.sb = sb
+        self.metadata_sm, self.tm = MetadataSpaceMap.load(
+            lambda sm: TransactionManager(self.bm, sm), msm_root)
+        self._trees()
+        self.data_sm = DataSpaceMap.load(self.tm, sb.data_sm)
+        self.time = sb.time
+        self.trans_id = sb.trans_id
+        self.details_root = sb.device_details_root
+        self.top_root = sb.data_mapping_root
+        self.devices = {}
+        for k, v in self.details_tree.items(self.details_root):
+            self.devices[k] = Device(k, int(v["mapped_blocks"]), int(v["transaction_id"]),
+                                     int(v["creation_time"]), int(v["snapshotted_time"]))
+        self.roots = {k: int(v) for k, v in self.top_tree.items(self.top_root)}
+        missing = sorted(set(self.roots) - set(self.devices))
+        if missing:
+            raise MetadataError(f"device {missing[0]} has a mapping tree but no details")
+        self._reset_changes()
+        if not self.read_only:
+            bigger = min(self.bm.nr_blocks, fmt.MAX_METADATA_BLOCKS)
+            if bigger > self.metadata_sm.nr_blocks:
+                self.metadata_sm.extend(bigger)
+
+    def _reset_changes(self) -> None:
+        self._dirty_roots: set[int] = set()
+        self._changed: set[int] = set()
+        self._deleted: set[int] = set()
+
+    def close(self) -> None:
+        self.bm.close()
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def data_block_size(self) -> int:
+        """Data block size in 512-byte sectors."""
+        return self.sb.data_block_size
+
+    @property
+    def nr_data_blocks(self) -> int:
+        return self.data_sm.nr_blocks
+
+    @property
+    def needs_check(self) -> bool:
+        return bool(self.sb.flags & fmt.SB_FLAG_NEEDS_CHECK)
+
+    def has_changes(self) -> bool:
+        return bool(self.tm.dirty or self._dirty_roots or self._changed or self._deleted
+                    or self.trans_id != self.sb.trans_id or self.time != self.sb.time
+                    or np.any(self.data_sm.counts != self.data_sm.committed))
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("pool metadata is open read-only")
+
+    def device(self, dev_id: int) -> Device:
+        d = self.devices.get(dev_id)
+        if d is None or dev_id not in self.roots:
+            raise NotFound(f"thin device {dev_id} does not exist")
+        return d
+
+    def device_ids(self) -> list[int]:
+        return sorted(self.roots)
+
+    # -- devices -----------------------------------------------------------------------------
+    def _check_new_id(self, dev_id: int) -> None:
+        if not 0 <= dev_id <= fmt.MAX_DEV_ID:
+            raise InvalidArgument(f"device id {dev_id} is out of range (0..{fmt.MAX_DEV_ID})")
+        if dev_id in self.devices or dev_id in self.roots:
+            raise AlreadyExists(f"thin device {dev_id} already exists")
+
+    def create_thin(self, dev_id: int) -> None:
+        self._writable()
+        self._check_new_id(dev_id)
+        self.roots[dev_id] = self.mapping_tree.empty()
+        self._dirty_roots.add(dev_id)
+        self.devices[dev_id] = Device(dev_id, 0, self.trans_id, self.time, self.time)
+        self._changed.add(dev_id)
+        self._deleted.discard(dev_id)
+
+    def create_snap(self, dev_id: int, origin_id: int) -> None:
+        self._writable()
+        self._check_new_id(dev_id)
+        origin = self.device(origin_id)
+        root = self.roots[origin_id]
+        self.tm.inc(root)
+        self.roots[dev_id] = root
+        self._dirty_roots.add(dev_id)
+        self.time = (self.time + 1) & fmt.TIME_MASK
+        self.devices[dev_id] = Device(dev_id, origin.mapped_blocks, self.trans_id, self.time, self.time)
+        origin.snapshotted_time = self.time
+        self._changed.update((dev_id, origin_id))
+        self._deleted.discard(dev_id)
+
+    def delete(self, dev_id: int) -> None:
+        self._writable()
+        self.device(dev_id)
+        self.top_root, _ = self.top_tree.remove(self.top_root, dev_id, callbacks=False)
+        self.mapping_tree.delete(self.roots.pop(dev_id))
+        del self.devices[dev_id]
+        self._dirty_roots.discard(dev_id)
+        self._changed.discard(dev_id)
+        self._deleted.add(dev_id)
+
+    def set_transaction_id(self, trans_id: int) -> None:
+        self._writable()
+        self.trans_id = trans_id
+
+    # -- mappings ----------------------------------------------------------------------------
+    def lookup(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
+        v = self.mapping_tree.lookup(self.roots[dev_id], vblock)
+        return None if v is None else fmt.unpack_mapping(int(v))
+
+    def mappings(self, dev_id: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(virtual blocks, packed values) array pairs in order, for virtual blocks in [lo, hi)."""
+        return self.mapping_tree.leaves(self.roots[dev_id], lo, hi)
+
+    def is_shared(self, dev_id: int, time: int) -> bool:
+        return self.devices[dev_id].snapshotted_time > time
+
+    def insert(self, dev_id: int, vblock: int, data_block: int) -> tuple[int, int] | None:
+        """Map ``vblock`` to ``data_block`` (whose reference the caller hands over) at the current
+        time. An overwritten mapping's old data block loses a reference. Returns the old mapping."""
+        self._writable()
+        dev = self.devices[dev_id]
+        root = self.roots[dev_id]
+        new_root, old = self.mapping_tree.insert(root, vblock, fmt.pack_mapping(data_block, self.time))
+        if new_root != root:
+            self.roots[dev_id] = new_root
+            self._dirty_roots.add(dev_id)
+        if old is None:
+            dev.mapped_blocks += 1
+            self._changed.add(dev_id)
+            return None
+        return fmt.unpack_mapping(int(old))
+
+    def remove(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
+        """Unmap ``vblock``; its data block loses a reference. Returns the old mapping or None."""
+        self._writable()
+        root = self.roots[dev_id]
+        new_root, old = self.mapping_tree.remove(root, vblock)
+        if old is None:
+            return None
+        if new_root != root:
+            self.roots[dev_id] = new_root
+            self._dirty_roots.add(dev_id)
+        self.devices[dev_id].mapped_blocks -= 1
+        self._changed.add(dev_id)
+        return fmt.unpack_mapping(int(old))
+
+    def remove_range(self, dev_id: int, lo: int, hi: int) -> int:
+        """Unmap every virtual block in [lo, hi); returns how many were mapped."""
+        keys = [int(k) for ks, _ in self.mappings(dev_id, lo, hi) for k in ks]
+        for k in keys:
+            self.remove(dev_id, k)
+        return len(keys)
+
+    # -- size --------------------------------------------------------------------------------
+    def resize_data(self, nr_blocks: int) -> None:
+        self._writable()
+        if nr_blocks < self.data_sm.nr_blocks:
+            raise InvalidArgument("the data device cannot shrink")
+        self.data_sm.extend(nr_blocks)
+
+    def resize_metadata(self) -> None:
+        """Take in a metadata device that has grown (up to the format's limit)."""
+        self._writable()
+        n = min(self.bm.refresh_size(), fmt.MAX_METADATA_BLOCKS)
+        if n > self.metadata_sm.nr_blocks:
+            self.metadata_sm.extend(n)
+
+    # -- transactions ------------------------------------------------------------------------
+    def commit(self) -> np.ndarray:
+        """Make the current transaction durable. Returns the data blocks it freed (count now 0,
+        in use at the previous commit): the caller may discard them once this returns."""
+        self._writable()
+        try:
+            for dev in sorted(self._dirty_roots):
+                self.top_root, _ = self.top_tree.insert(self.top_root, dev, self.roots[dev], callbacks=False)
+            for dev in sorted(self._deleted):
+                self.details_root, _ = self.details_tree.remove(self.details_root, dev)
+            for dev in sorted(self._changed):
+                self.details_root, _ = self.details_tree.insert(self.details_root, dev,
+                                                                self.devices[dev].record())
+            data_root = self.data_sm.commit(self.tm)
+            meta_root = self.metadata_sm.commit(self.tm)
+            sb = fmt.Superblock(**{
+                **self.sb.__dict__,
+                "blocknr": 0, "magic": fmt.THIN_MAGIC, "version": fmt.METADATA_VERSION,
+                "time": self.time, "trans_id": self.trans_id,
+                "data_sm_root": data_root.pack(), "metadata_sm_root": meta_root.pack(),
+                "data_mapping_root": self.top_root, "device_details_root": self.details_root,
+                "metadata_nr_blocks": self.metadata_sm.nr_blocks})
+            self.tm.commit(sb.pack())
+        except BaseException:
+            self.abort()
+            raise
+        self.sb = sb
+        freed = self.data_sm.freed_since_commit()
+        self.data_sm.mark_committed()
+        self.metadata_sm.mark_committed()
+        self._reset_changes()
+        return freed
+
+    def abort(self) -> None:
+        """Forget everything since the last commit."""
+        self.tm.abort()
+        self.bm.clear_cache()
+        self._load()
+
+
+def check_data_block_size(sectors: int, corrupt: bool = False) -> None:
+    ok = (fmt.MIN_DATA_BLOCK_SECTORS <= sectors <= fmt.MAX_DATA_BLOCK_SECTORS
+          and sectors % fmt.MIN_DATA_BLOCK_SECTORS == 0)
+    if not ok:
+        msg = (f"data block size of {sectors} sectors is invalid: it must be a multiple of 64 KiB "
+               f"between 64 KiB and 1 GiB")
+        raise MetadataError(msg) if corrupt else InvalidArgument(msg)

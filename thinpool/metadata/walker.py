@@ -1,0 +1,111 @@
+"""Read-only traversal of pool metadata: one walker, many visitors.
+
+The walker owns traversal, I/O and the skipping of nodes already visited (a node shared by several
+trees is visited once, and every extra arrival is still reported as a reference, which is what
+reference counting needs). Visitors only look: they never write, so a walk leaves the metadata
+file byte-for-byte unchanged.
+
+* :func:`walk_btree` visits every node of one tree (depth first, key order) and calls
+  ``visitor.node(block, node, path)`` the first time a block is reached and
+  ``visitor.reference(block)`` on every arrival, first included. ``path`` is the tuple of
+  ``(block, key range)`` steps from the root.
+* :class:`RefCountVisitor` plus :func:`expected_counts` recompute what both space maps must say,
+  by the rules ``thin_check`` uses for metadata (one reference per parent pointer, shared nodes
+  descended once) and the kernel's rule for data (one reference per value in each distinct mapping
+  leaf).
+
+Costs: O(distinct nodes) block reads; memory O(nr metadata blocks + nr data blocks) for the counts.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from . import format as fmt
+from .block import BITMAP_VALIDATOR, INDEX_VALIDATOR
+from .btree import BTree, Node
+from .space_map import INDEX_VT, REF_COUNT_VT
+from .thin_metadata import ThinMetadata
+
+
+class NodeVisitor(Protocol):
+    def reference(self, block: int) -> None: ...
+
+    def node(self, block: int, node: Node, path: tuple) -> None: ...
+
+
+def walk_btree(tree: BTree, root: int, visitor: NodeVisitor, seen: set[int] | None = None,
+               path: tuple = ()) -> None:
+    """Visit every node below ``root`` once; report every reference."""
+    seen = set() if seen is None else seen
+    stack = [(root, path)]
+    while stack:
+        b, p = stack.pop()
+        visitor.reference(b)
+        if b in seen:
+            continue
+        seen.add(b)
+        n = tree.node(b)
+        here = p + (b,)
+        visitor.node(b, n, here)
+        if not n.is_leaf:
+            stack.extend(reversed([(int(c), here) for c in n.values[: n.nr]]))
+
+
+class RefCountVisitor:
+    """Counts references to metadata blocks and to data blocks (from mapping leaves)."""
+
+    def __init__(self, nr_metadata_blocks: int, nr_data_blocks: int):
+        self.metadata = np.zeros(nr_metadata_blocks, np.int64)
+        self.data = np.zeros(nr_data_blocks, np.int64)
+        self.leaf_values: list[np.ndarray] = []
+        self.data_leaves = False
+
+    def reference(self, block: int) -> None:
+        if block < len(self.metadata):
+            self.metadata[block] += 1
+
+    def node(self, block: int, node: Node, path: tuple) -> None:
+        if self.data_leaves and node.is_leaf and node.nr:
+            blocks = (node.values[: node.nr] >> np.uint64(24)).astype(np.int64)
+            blocks = blocks[blocks < len(self.data)]
+            np.add.at(self.data, blocks, 1)
+
+
+def expected_counts(meta: ThinMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """What the metadata and data space maps must hold for the committed state of ``meta``.
+
+    Walks the superblock's trees (not in-memory changes), so commit first."""
+    sb = meta.sb
+    v = RefCountVisitor(meta.metadata_sm.nr_blocks, meta.data_sm.nr_blocks)
+    v.reference(0)
+    seen: set[int] = set()
+    tm = meta.tm
+    msm, dsm = sb.metadata_sm, sb.data_sm
+    # Metadata space map: index block, bitmaps, ref-count tree.
+    v.reference(msm.bitmap_root)
+    ibuf = tm.read(msm.bitmap_root, INDEX_VALIDATOR)
+    for i in range((msm.nr_blocks + fmt.ENTRIES_PER_BITMAP - 1) // fmt.ENTRIES_PER_BITMAP):
+        loc = fmt.INDEX_ENTRY.unpack_from(ibuf, 16 + 16 * i)[0]
+        tm.read(loc, BITMAP_VALIDATOR)
+        v.reference(loc)
+    walk_btree(BTree(tm, REF_COUNT_VT), msm.ref_count_root, v, seen)
+    # Data space map: index tree (and the bitmaps it points at), ref-count tree.
+    index = BTree(tm, INDEX_VT)
+    walk_btree(index, dsm.bitmap_root, v, seen)
+    for _, entries in index.leaves(dsm.bitmap_root):
+        for loc in entries["blocknr"].tolist():
+            tm.read(loc, BITMAP_VALIDATOR)
+            v.reference(loc)
+    walk_btree(BTree(tm, REF_COUNT_VT), dsm.ref_count_root, v, seen)
+    # Device details and the two-level mapping tree.
+    walk_btree(meta.details_tree, sb.device_details_root, v, seen)
+    walk_btree(meta.top_tree, sb.data_mapping_root, v, seen)
+    v.data_leaves = True
+    for _, roots in meta.top_tree.leaves(sb.data_mapping_root):
+        for r in roots.tolist():
+            walk_btree(meta.mapping_tree, r, v, seen)
+    v.data_leaves = False
+    return v.metadata, v.data
