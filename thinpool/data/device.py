@@ -1,0 +1,565 @@
+"""The data device: the only code in the data layer that does OS I/O on a pool's data.
+
+A :class:`DataDevice` is an open regular file (normally sparse) or block device, seen as
+``nr_blocks = size // block_size`` fixed-size data blocks. Everything above it (the allocator,
+volumes, snapshots) addresses data by block number; only this module turns block numbers into byte
+offsets and system calls.
+
+Guarantees
+----------
+* **Bounds.** Every call checks its block range against ``nr_blocks`` before any I/O and raises
+  :class:`~thinpool.errors.InvalidArgument` for a range that is negative or reaches past the pool,
+  so a bug above cannot scribble outside the pool (a file's tail beyond the last whole block is never
+  touched). Sub-block calls (:meth:`read`, :meth:`write`) must stay inside their one block, so a bug
+  cannot spill into a neighbouring block owned by another volume either.
+* **Whole transfers.** Reads and writes loop until done (short ``pread``/``pwrite`` are retried);
+  a read that meets end-of-file (a file truncated behind our back) is padded with zeros.
+* **Position independence.** All I/O is positional (``pread``/``pwrite``/``ioctl``/``fallocate``
+  with explicit offsets), so calls on disjoint blocks may run concurrently from several threads.
+  ``close`` must not race with other calls.
+* **Durability** is only promised after :meth:`sync` (``fdatasync``), except :meth:`create_file`
+  and :meth:`grow`, which sync their size change (and the new directory entry) before returning.
+* **Zeroing vs. punching.** After :meth:`zero_blocks` the blocks read as zeros, guaranteed.
+  :meth:`punch_blocks` only gives space back (for *free* blocks) and says whether it could; what the
+  blocks read afterwards is unspecified on block devices (discard), zeros on files.
+* **Exclusive block devices.** A block device opened for writing is opened ``O_EXCL``: if it is
+  mounted or held by another exclusive opener, :meth:`open` raises
+  :class:`~thinpool.errors.BusyError` instead of corrupting it.
+
+Errors
+------
+``InvalidArgument`` for bad arguments (block size, ranges, lengths, shrinking, resizing a block
+device, a path that is neither a regular file nor a block device); ``NotFound`` for a missing path;
+``AlreadyExists`` when :meth:`create_file` meets an existing path; ``ReadOnlyError`` for changing a
+device opened read-only; ``BusyError`` for a device in use (EBUSY); ``NoDataSpace`` when the
+filesystem under a sparse file is full (ENOSPC, EDQUOT); ``ThinpoolError`` for any other OS error
+and for use after :meth:`close`. OS errors are chained (``raise ... from``), so the errno survives
+as ``err.__cause__.errno``. "Not supported" (no hole punching, no discard, no ``copy_file_range``,
+no ``BLKZEROOUT``) is never an error: each call falls back or reports it, as documented per method.
+
+Costs
+-----
+``read_blocks``/``write_blocks``/``copy_blocks`` move ``count * block_size`` bytes (a copy may be
+done in the kernel, or shared as a reflink by the filesystem, via ``copy_file_range``; the fallback
+moves 1 MiB chunks through user space). ``read_blocks`` allocates one buffer of the result's size.
+``zero_blocks`` and ``punch_blocks`` are one system call where supported (the zero-writing fallback
+costs a full write of the range). ``open``/``create_file``/``grow`` are a handful of system calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Callable
+
+from thinpool.errors import (
+    AlreadyExists,
+    BusyError,
+    InvalidArgument,
+    NoDataSpace,
+    NotFound,
+    ReadOnlyError,
+    ThinpoolError,
+)
+
+__all__ = ["DataDevice", "DEFAULT_BLOCK_SIZE"]
+
+DEFAULT_BLOCK_SIZE = 64 * 1024  # dm-thin's usual data block size (DESIGN.md: Pool.create)
+_SECTOR = 512  # block sizes must be whole sectors: the unit of every block-device ioctl below
+
+# --- Linux ABI -------------------------------------------------------------------------------
+# <asm-generic/ioctl.h>: _IOC(dir, type, nr, size) = dir << 30 | size << 16 | type << 8 | nr
+
+
+def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (kind << 8) | nr
+
+
+_IOC_READ = 2
+# <linux/fs.h>
+BLKGETSIZE64 = _ioc(_IOC_READ, 0x12, 114, ctypes.sizeof(ctypes.c_size_t))  # u64 size in bytes
+BLKDISCARD = _ioc(0, 0x12, 119, 0)  # u64 range[2] = {start, length}
+BLKZEROOUT = _ioc(0, 0x12, 127, 0)  # u64 range[2] = {start, length}
+_RANGE = struct.Struct("=QQ")
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+# errnos that mean "this file/device/kernel cannot do that", as opposed to a real failure.
+_UNSUPPORTED = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY, errno.EINVAL}
+)
+# errnos after which copy_file_range is retried the slow way (EXDEV: cross-filesystem; EBADF and
+# EPERM are what some kernels return for special files).
+_COPY_FALLBACK = _UNSUPPORTED | {errno.EXDEV, errno.EBADF, errno.EPERM}
+
+_CHUNK = 1 << 20  # bytes per user-space copy or zero-fill step
+_ZEROS = bytes(_CHUNK)
+_MAX_COPY = 1 << 30  # bytes per copy_file_range call (the kernel caps a call near 2 GiB anyway)
+
+_NOT_LOOKED_UP = object()
+_fallocate_fn: object = _NOT_LOOKED_UP
+
+
+def _libc_fallocate() -> Callable[..., int] | None:
+    """libc's 64-bit-offset ``fallocate``, or None where there is none (looked up once)."""
+    global _fallocate_fn
+    if _fallocate_fn is _NOT_LOOKED_UP:
+        fn = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            for name in ("fallocate64", "fallocate"):
+                fn = getattr(libc, name, None)
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                    fn.restype = ctypes.c_int
+                    break
+        except OSError:
+            fn = None
+        _fallocate_fn = fn
+    return _fallocate_fn  # type: ignore[return-value]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)``; raises OSError (ENOSYS when libc has no such call)."""
+    fn = _libc_fallocate()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    while fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def _os_error(exc: OSError, what: str) -> ThinpoolError:
+    """Map an OSError from ``what`` to the thinpool error a caller can act on."""
+    msg = f"{what}: {exc.strerror or exc}"
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return NoDataSpace(msg)
+    if code == errno.EROFS:
+        return ReadOnlyError(msg)
+    if code == errno.EBUSY:
+        return BusyError(msg)
+    if code == errno.ENOENT:
+        return NotFound(msg)
+    if code == errno.EEXIST:
+        return AlreadyExists(msg)
+    return ThinpoolError(msg)
+
+
+def _check_int(name: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an integer, not {type(value).__name__}")
+    if value < minimum:
+        raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_block_size(block_size: object) -> int:
+    _check_int("block_size", block_size, _SECTOR)
+    assert isinstance(block_size, int)
+    if block_size % _SECTOR:
+        raise InvalidArgument(f"block_size must be a multiple of {_SECTOR} bytes, got {block_size}")
+    return block_size
+
+
+class DataDevice:
+    """An open data device addressed in blocks of ``block_size`` bytes (see the module docstring).
+
+    Attributes (read-only by convention): ``path``, ``block_size``, ``size`` (bytes),
+    ``nr_blocks`` (``size // block_size``), ``is_block_device``, ``read_only``.
+    Construct with :meth:`open` or :meth:`create_file`, not directly.
+    """
+
+    def __init__(self, fd: int, path: str, block_size: int, *, is_block_device: bool,
+                 read_only: bool):
+        self._fd = fd
+        self.path = path
+        self.block_size = block_size
+        self.is_block_device = is_block_device
+        self.read_only = read_only
+        self._copy_file_range_ok = True  # until the kernel refuses once (then pread/pwrite)
+        self.size = 0
+        self.nr_blocks = 0
+        self._refresh_size()
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def create_file(cls, path: str | os.PathLike[str], size_bytes: int,
+                    block_size: int = DEFAULT_BLOCK_SIZE) -> DataDevice:
+        """Create a new sparse regular file of ``size_bytes`` and open it read-write.
+
+        Raises AlreadyExists if ``path`` exists (whatever it is); InvalidArgument for a bad size or
+        block size; NotFound if the parent directory is missing. The file (mode 0600) and its
+        directory entry are synced before returning. Cost: no data is written.
+        """
+        _check_int("size_bytes", size_bytes)
+        _check_block_size(block_size)
+        path = os.fspath(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise AlreadyExists(f"cannot create data file {path!r}: it exists already") from None
+        except OSError as exc:
+            raise _os_error(exc, f"cannot create data file {path!r}") from exc
+        try:
+            os.ftruncate(fd, size_bytes)
+            os.fsync(fd)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise _os_error(exc, f"cannot create data file {path!r} of {size_bytes} bytes") from exc
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return cls(fd, path, block_size, is_block_device=False, read_only=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], block_size: int, read_only: bool = False
+             ) -> DataDevice:
+        """Open an existing regular file or block device as a data device.
+
+        A block device opened for writing is opened exclusively (BusyError if in use). Raises
+        NotFound for a missing path, InvalidArgument for a bad block size or a path that is neither
+        a regular file nor a block device.
+        """
+        _check_block_size(block_size)
+        path = os.fspath(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot open data device {path!r}") from exc
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise InvalidArgument(f"data device {path!r} is neither a regular file nor a block device")
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if stat.S_ISBLK(st.st_mode) and not read_only:
+            flags |= os.O_EXCL  # Linux: fail with EBUSY if mounted or claimed elsewhere
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot open data device {path!r}") from exc
+        try:
+            st = os.fstat(fd)  # the path may have changed between stat and open
+            is_blk = stat.S_ISBLK(st.st_mode)
+            if not (is_blk or stat.S_ISREG(st.st_mode)):
+                raise InvalidArgument(
+                    f"data device {path!r} is neither a regular file nor a block device")
+            return cls(fd, path, block_size, is_block_device=is_blk, read_only=read_only)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the device (idempotent). Does not sync: call :meth:`sync` first if needed."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> DataDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "block device" if self.is_block_device else "file"
+        state = "closed" if self.closed else ("read-only" if self.read_only else "read-write")
+        return (f"<DataDevice {self.path!r} {kind} {self.nr_blocks} x {self.block_size} B "
+                f"{state}>")
+
+    def sync(self) -> None:
+        """Make every completed write durable (``fdatasync``: data and the file size)."""
+        fd = self._live_fd()
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot sync {self.path!r}") from exc
+
+    def grow(self, new_size_bytes: int) -> None:
+        """Make the device ``new_size_bytes`` long and refresh ``size``/``nr_blocks``.
+
+        A file is extended sparsely (and synced); shrinking raises InvalidArgument. A block device
+        cannot be resized here: this succeeds only if the device already has that size (it was
+        grown outside, e.g. an LV extended), else raises InvalidArgument.
+        """
+        _check_int("new_size_bytes", new_size_bytes)
+        fd = self._live_fd()
+        if self.is_block_device:
+            self._refresh_size()
+            if new_size_bytes != self.size:
+                raise InvalidArgument(
+                    f"cannot resize a block device: {self.path!r} has {self.size} bytes, "
+                    f"asked for {new_size_bytes}")
+            return
+        if new_size_bytes < self.size:
+            raise InvalidArgument(
+                f"cannot shrink data file {self.path!r} from {self.size} to {new_size_bytes} bytes")
+        if new_size_bytes == self.size:
+            return
+        self._check_writable("grow")
+        try:
+            os.ftruncate(fd, new_size_bytes)
+            os.fsync(fd)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot grow {self.path!r} to {new_size_bytes} bytes") from exc
+        self._refresh_size()
+
+    # --- reads and writes --------------------------------------------------------------------
+
+    def read_blocks(self, block: int, count: int) -> bytes:
+        """Return the ``count`` blocks starting at ``block`` (zero-padded at end-of-file)."""
+        offset, length = self._range(block, count)
+        return self._pread(offset, length)
+
+    def read(self, block: int, offset_in_block: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset_in_block`` within one block (no spill-over)."""
+        offset = self._sub_block(block, offset_in_block, length)
+        return self._pread(offset, length)
+
+    def write_blocks(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole blocks starting at ``block``; ``len(data)`` must be a multiple of block_size."""
+        view = memoryview(data).cast("B")
+        if view.nbytes % self.block_size:
+            raise InvalidArgument(
+                f"write of {view.nbytes} bytes is not a whole number of {self.block_size}-byte "
+                f"blocks")
+        offset, _ = self._range(block, view.nbytes // self.block_size)
+        self._check_writable("write")
+        self._pwrite(offset, view)
+
+    def write(self, block: int, offset_in_block: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset_in_block`` within one block (no spill-over)."""
+        view = memoryview(data).cast("B")
+        offset = self._sub_block(block, offset_in_block, view.nbytes)
+        self._check_writable("write")
+        self._pwrite(offset, view)
+
+    def read_span(self, block: int, offset_in_block: int, length: int) -> bytes:
+        """``length`` bytes from ``offset_in_block`` of ``block`` on, which may run on through
+        the following blocks: for a caller that owns a run of consecutive data blocks."""
+        first, nbytes = self._span(block, offset_in_block, length)
+        return self._pread(first, nbytes)
+
+    def write_span(self, block: int, offset_in_block: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` from ``offset_in_block`` of ``block`` on, through following blocks."""
+        view = memoryview(data).cast("B")
+        first, _ = self._span(block, offset_in_block, view.nbytes)
+        self._check_writable("write")
+        self._pwrite(first, view)
+
+    def _span(self, block: int, offset_in_block: int, length: int) -> tuple[int, int]:
+        _check_int("offset_in_block", offset_in_block)
+        _check_int("length", length)
+        if offset_in_block >= self.block_size:
+            raise InvalidArgument(f"offset {offset_in_block} is not inside a {self.block_size}-byte block")
+        count = -(-(offset_in_block + length) // self.block_size)
+        offset, _ = self._range(block, count)
+        return offset + offset_in_block, length
+
+    def copy_blocks(self, src: int, dst: int, count: int) -> None:
+        """Copy ``count`` blocks from ``src`` to ``dst`` inside the device.
+
+        The ranges must not overlap (InvalidArgument: copies are for breaking sharing into fresh
+        blocks, so an overlap means a bug). Uses ``os.copy_file_range`` (in-kernel, possibly a
+        reflink), falling back to pread/pwrite where it is absent or refused.
+        """
+        src_off, length = self._range(src, count)
+        dst_off, _ = self._range(dst, count)
+        if count and src < dst + count and dst < src + count:
+            raise InvalidArgument(
+                f"copy of {count} blocks from {src} to {dst}: source and destination overlap")
+        self._check_writable("copy")
+        done = 0
+        if self._copy_file_range_ok:
+            done = self._copy_in_kernel(src_off, dst_off, length)
+        while done < length:
+            chunk = self._pread(src_off + done, min(_CHUNK, length - done))
+            self._pwrite(dst_off + done, memoryview(chunk))
+            done += len(chunk)
+
+    def zero_blocks(self, block: int, count: int) -> None:
+        """Make ``count`` blocks from ``block`` read as zeros.
+
+        Files: punch a hole (space is released); block devices: ``BLKZEROOUT``. Either falls back
+        to writing zeros when the call is not supported.
+        """
+        offset, length = self._range(block, count)
+        self._check_writable("zero")
+        if length == 0:
+            return
+        if self._release(offset, length, zero=True):
+            return
+        self._write_zeros(offset, length)
+
+    def punch_blocks(self, block: int, count: int) -> bool:
+        """Give the space of ``count`` free blocks back: a hole in a file, a discard on a device.
+
+        Returns False, and changes nothing, when the file system or device cannot do it; never
+        raises for that. Contents afterwards: zeros on files, unspecified on block devices.
+        """
+        offset, length = self._range(block, count)
+        self._check_writable("punch")
+        if length == 0:
+            return True
+        return self._release(offset, length, zero=False)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _live_fd(self) -> int:
+        if self._fd < 0:
+            raise ThinpoolError(f"data device {self.path!r} is closed")
+        return self._fd
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"cannot {what}: data device {self.path!r} is open read-only")
+
+    def _refresh_size(self) -> None:
+        fd = self._live_fd()
+        try:
+            if self.is_block_device:
+                size = _block_device_size(fd)
+            else:
+                size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise _os_error(exc, f"cannot read the size of {self.path!r}") from exc
+        self.size = size
+        self.nr_blocks = size // self.block_size
+
+    def _range(self, block: int, count: int) -> tuple[int, int]:
+        """Byte offset and length of blocks [block, block + count); checks bounds."""
+        _check_int("block", block)
+        _check_int("count", count)
+        if block + count > self.nr_blocks:
+            raise InvalidArgument(
+                f"blocks [{block}, {block + count}) are out of range: {self.path!r} has "
+                f"{self.nr_blocks} blocks")
+        self._live_fd()
+        return block * self.block_size, count * self.block_size
+
+    def _sub_block(self, block: int, offset_in_block: int, length: int) -> int:
+        """Byte offset of ``length`` bytes at ``offset_in_block`` of ``block``; checks bounds."""
+        offset, _ = self._range(block, 1)
+        _check_int("offset_in_block", offset_in_block)
+        _check_int("length", length)
+        if offset_in_block + length > self.block_size:
+            raise InvalidArgument(
+                f"{length} bytes at offset {offset_in_block} cross the end of a "
+                f"{self.block_size}-byte block")
+        return offset + offset_in_block
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        done = 0
+        try:
+            while done < length:
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n == 0:
+                    break  # end of file: the rest stays zero
+                done += n
+        except OSError as exc:
+            raise _os_error(exc, f"cannot read {length} bytes at {offset} from {self.path!r}"
+                            ) from exc
+        finally:
+            view.release()
+        return bytes(buf)
+
+    def _pwrite(self, offset: int, view: memoryview) -> None:
+        done = 0
+        length = view.nbytes
+        try:
+            while done < length:
+                n = os.pwrite(self._fd, view[done:], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "pwrite made no progress")
+                done += n
+        except OSError as exc:
+            raise _os_error(exc, f"cannot write {length} bytes at {offset} to {self.path!r}"
+                            ) from exc
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        zeros = memoryview(_ZEROS)
+        done = 0
+        while done < length:
+            n = min(_CHUNK, length - done)
+            self._pwrite(offset + done, zeros[:n])
+            done += n
+
+    def _copy_in_kernel(self, src_off: int, dst_off: int, length: int) -> int:
+        """Copy with copy_file_range as far as it goes; returns the bytes copied."""
+        copy_file_range = getattr(os, "copy_file_range", None)
+        if copy_file_range is None:
+            self._copy_file_range_ok = False
+            return 0
+        done = 0
+        while done < length:
+            try:
+                n = copy_file_range(self._fd, self._fd, min(_MAX_COPY, length - done),
+                                    src_off + done, dst_off + done)
+            except OSError as exc:
+                if exc.errno in _COPY_FALLBACK:
+                    self._copy_file_range_ok = False
+                    break
+                raise _os_error(exc, f"cannot copy {length} bytes from {src_off} to {dst_off} "
+                                f"in {self.path!r}") from exc
+            if n == 0:
+                break  # source beyond end-of-file: let the fallback pad with zeros
+            done += n
+        return done
+
+    def _release(self, offset: int, length: int, *, zero: bool) -> bool:
+        """Punch a hole (file) or zero-out / discard (block device); False if unsupported."""
+        try:
+            if self.is_block_device:
+                request = BLKZEROOUT if zero else BLKDISCARD
+                fcntl.ioctl(self._fd, request, _RANGE.pack(offset, length))
+            else:
+                _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                return False
+            what = "zero" if zero else "release"
+            raise _os_error(exc, f"cannot {what} {length} bytes at {offset} of {self.path!r}"
+                            ) from exc
+        return True
+
+
+def _block_device_size(fd: int) -> int:
+    buf = bytearray(8)
+    try:
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        return struct.unpack("=Q", buf)[0]
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
