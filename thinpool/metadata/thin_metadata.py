@@ -262,13 +262,19 @@ class ThinMetadata:
         self.trans_id = trans_id
 
     # -- mappings ----------------------------------------------------------------------------
+    def _root(self, dev_id: int) -> int:
+        r = self.roots.get(dev_id)
+        if r is None:
+            raise NotFound(f"thin device {dev_id} does not exist")
+        return r
+
     def lookup(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
-        v = self.mapping_tree.lookup(self.roots[dev_id], vblock)
+        v = self.mapping_tree.lookup(self._root(dev_id), vblock)
         return None if v is None else fmt.unpack_mapping(int(v))
 
     def mappings(self, dev_id: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(virtual blocks, packed values) array pairs in order, for virtual blocks in [lo, hi)."""
-        return self.mapping_tree.leaves(self.roots[dev_id], lo, hi)
+        return self.mapping_tree.leaves(self._root(dev_id), lo, hi)
 
     def is_shared(self, dev_id: int, time: int) -> bool:
         return self.devices[dev_id].snapshotted_time > time

@@ -1,0 +1,578 @@
+"""Pool: a data device, dm-thin metadata, a names registry and a lock, behind one object.
+
+A pool lives in a directory::
+
+    <path>/pool.json     where the data and metadata are (files in the directory by default)
+    <path>/metadata      dm-thin pool metadata (sparse file), unless --metadata named another
+    <path>/data          the data device (sparse file), unless --data named another
+    <path>/names.json    the names registry (see registry.py)
+
+Guarantees:
+
+* **Crash safety.** :meth:`commit` fsyncs the data device, then commits the metadata in the
+  kernel's order (superblock last). After a crash the pool opens at its last commit; an interrupted
+  create/snapshot/delete is rolled forward or back with the registry (transaction id).
+* **One writer.** Opening for writing takes an exclusive advisory lock (``flock``) on the metadata
+  file; a second writer or a reader while a writer holds it gets
+  :class:`~thinpool.errors.BusyError` naming the holder's pid. Readers share the lock.
+* **No half-made pools.** :meth:`create` validates everything first and removes whatever it
+  created if any step fails.
+* **Freed space goes back to the host.** Data blocks freed by a transaction (deletes, discards,
+  copy-on-write) are hole-punched once the commit that freed them is durable.
+
+``Pool.open`` returns a context manager: leaving the block without an exception commits; either
+way the pool is closed and unlocked. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data.allocator import DataAllocator
+from .data.device import DataDevice
+from .errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NotFound,
+                     ReadOnlyError, ThinpoolError)
+from .metadata import format as fmt
+from .metadata.block import SUPERBLOCK_VALIDATOR
+from .metadata.thin_metadata import ThinMetadata, check_data_block_size
+from .registry import Entry, Registry, check_name
+from .volume import Volume
+
+DEFAULT_BLOCK_SIZE = 64 * 1024
+MIN_METADATA_SIZE = 2 * 1024 * 1024
+METADATA_BYTES_PER_BLOCK = 48
+CONFIG_NAME = "pool.json"
+NAMES_NAME = "names.json"
+
+
+class PoolMode(enum.IntEnum):
+    """The kernel's pool modes, ordered by degradation (compare with ``<``)."""
+
+    WRITE = 0
+    OUT_OF_DATA_SPACE = 1
+    READ_ONLY = 2
+    FAIL = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass
+class VolumeStat:
+    name: str
+    dev_id: int
+    size: int
+    mapped_blocks: int
+    mapped_bytes: int
+    origin: str | None
+    creation_time: int
+    snapshotted_time: int
+
+
+@dataclass
+class PoolStat:
+    name: str
+    path: str | None
+    data_path: str | None
+    metadata_path: str
+    block_size: int
+    data_blocks_total: int
+    data_blocks_used: int
+    data_blocks_free: int
+    metadata_blocks_total: int
+    metadata_blocks_used: int
+    metadata_blocks_free: int
+    transaction_id: int
+    time: int
+    mode: str
+    needs_check: bool
+    volumes: list[VolumeStat] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_metadata_size(nr_data_blocks: int) -> int:
+    """The kernel's guidance: 48 bytes per data block, at least 2 MiB, within the format's limit."""
+    size = max(MIN_METADATA_SIZE, METADATA_BYTES_PER_BLOCK * nr_data_blocks)
+    size = -(-size // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
+    return min(size, fmt.MAX_METADATA_BLOCKS * fmt.BLOCK_SIZE)
+
+
+def check_block_size(block_size: int) -> int:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size % fmt.SECTOR_SIZE:
+        raise InvalidArgument(f"block size {block_size!r} is not a whole number of 512-byte sectors")
+    check_data_block_size(block_size // fmt.SECTOR_SIZE)
+    return block_size
+
+
+def _int_arg(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be an integer number of bytes, not {value!r}")
+    if value < 0:
+        raise InvalidArgument(f"{name} must not be negative ({value})")
+    return value
+
+
+class _Lock:
+    """An advisory ``flock`` on the metadata file, held on its own descriptor."""
+
+    def __init__(self, path: str, exclusive: bool):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(self.fd)
+            os.close(self.fd)
+            who = f" by process {holder}" if holder else ""
+            raise BusyError(f"pool metadata {path} is locked{who}; close it there first",
+                            holder_pid=holder) from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a flock on the file behind ``fd``, from /proc/locks."""
+    ino = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "->" in parts:
+                    continue
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].split(":")[-1] == str(ino):
+                    pid = int(parts[4])
+                    if pid != os.getpid():
+                        return pid
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class Pool:
+    """An open thin pool."""
+
+    def __init__(self) -> None:
+        self._meta: ThinMetadata | None = None
+        self._data: DataDevice | None = None
+        self._lock: _Lock | None = None
+        self._volumes: dict[str, Volume] = {}
+        self.notes: list[str] = []
+
+    # -- creating and opening ----------------------------------------------------------------
+    @classmethod
+    def create(cls, path, data_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+               metadata_size: int | None = None, data_path=None, metadata_path=None) -> "Pool":
+        """Make a new pool in directory ``path`` and return it open for writing."""
+        check_block_size(block_size)
+        if data_size is not None:
+            _int_arg("data size", data_size)
+        if metadata_size is not None:
+            _int_arg("metadata size", metadata_size)
+        if data_size is None and data_path is None:
+            raise InvalidArgument("a data size is needed for a new data file")
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise AlreadyExists(f"{path} exists already; choose another pool path")
+        for p in (data_path, metadata_path):
+            if p is not None and Path(p).is_dir():
+                raise InvalidArgument(f"{p} is a directory, not a file or block device")
+        made: list[Path] = []
+        made_dir = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            # Data device.
+            dpath = Path(data_path) if data_path is not None else path / "data"
+            if dpath.exists():
+                with DataDevice.open(dpath, block_size) as dev:
+                    if data_size is None:
+                        data_size = dev.size
+                    elif data_size > dev.size:
+                        if dev.is_block_device:
+                            raise InvalidArgument(f"data device {dpath} is smaller than {data_size} bytes")
+                        dev.grow(data_size)
+            else:
+                if data_size < block_size:
+                    raise InvalidArgument(f"data size {data_size} is smaller than one block ({block_size} bytes)")
+                DataDevice.create_file(dpath, data_size - data_size % block_size, block_size).close()
+                made.append(dpath)
+            nr_data_blocks = data_size // block_size
+            if nr_data_blocks < 1:
+                raise InvalidArgument(f"data size {data_size} is smaller than one block ({block_size} bytes)")
+            # Metadata device.
+            mpath = Path(metadata_path) if metadata_path is not None else path / "metadata"
+            if mpath.exists():
+                _refuse_live_metadata(mpath)
+                if metadata_size is not None and mpath.is_file() and mpath.stat().st_size < metadata_size:
+                    os.truncate(mpath, metadata_size)
+            else:
+                msize = metadata_size if metadata_size is not None else default_metadata_size(nr_data_blocks)
+                msize = -(-msize // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
+                if msize < MIN_METADATA_SIZE:
+                    raise InvalidArgument(f"metadata size {msize} is below the minimum of 2 MiB")
+                fd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                made.append(mpath)
+                try:
+                    os.ftruncate(fd, msize)
+                finally:
+                    os.close(fd)
+            ThinMetadata.format(mpath, block_size // fmt.SECTOR_SIZE, nr_data_blocks).close()
+            config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path)}
+            _write_json(path / CONFIG_NAME, config)
+            made.append(path / CONFIG_NAME)
+            Registry(str(path / NAMES_NAME)).save()
+            made.append(path / NAMES_NAME)
+        except BaseException:
+            for p in reversed(made):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            if made_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path, read_only: bool = False) -> "Pool":
+        path = Path(path)
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise NotFound(f"no pool at {path}")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            dpath = path / cfg["data"]
+            mpath = path / cfg["metadata"]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise MetadataError(f"pool configuration {cfg_path} is unreadable: {e}") from None
+        self = cls()
+        self.path = path
+        self.name = path.name
+        self._open(str(mpath), str(dpath), str(path / NAMES_NAME), read_only)
+        return self
+
+    @classmethod
+    def open_files(cls, metadata_path, data_path=None, read_only: bool = True) -> "Pool":
+        """Open raw metadata (and optionally a data device) with no pool directory or names file.
+
+        Devices are named by their id."""
+        self = cls()
+        self.path = None
+        self.name = Path(metadata_path).name
+        self._open(os.fspath(metadata_path), None if data_path is None else os.fspath(data_path),
+                   None, read_only)
+        return self
+
+    def _open(self, mpath: str, dpath: str | None, names: str | None, read_only: bool) -> None:
+        if not os.path.exists(mpath):
+            raise NotFound(f"metadata device {mpath} does not exist")
+        self.read_only = read_only
+        self._lock = _Lock(mpath, exclusive=not read_only)
+        try:
+            self._meta = ThinMetadata.open(mpath, read_only=read_only)
+            bs = self._meta.data_block_size * fmt.SECTOR_SIZE
+            self.block_size = bs
+            if dpath is not None:
+                self._data = DataDevice.open(dpath, bs, read_only=read_only)
+                if self._data.nr_blocks < self._meta.nr_data_blocks:
+                    raise MetadataError(
+                        f"data device {dpath} has {self._data.nr_blocks} blocks but the metadata "
+                        f"describes {self._meta.nr_data_blocks}")
+            self._alloc = DataAllocator(self._meta.data_sm)
+            self._registry = Registry.load(names)
+            if read_only and self._registry.pending is not None:
+                self.notes.append("an interrupted operation is pending; open for writing to finish it")
+            reg = self._registry
+            if read_only:
+                reg.path = None          # reconcile in memory only
+            self.notes += reg.reconcile(self._meta.trans_id, self._meta.device_ids(), self._size_guess)
+            if read_only:
+                reg.path = names
+        except BaseException:
+            self._close_parts()
+            raise
+
+    def _size_guess(self, dev_id: int) -> int:
+        last = -1
+        for keys, _ in self._meta.mappings(dev_id):
+            last = int(keys[-1])
+        return (last + 1) * self.block_size
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._meta is not None and not self.read_only:
+                self.commit()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._close_parts()
+
+    def _close_parts(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._meta is not None:
+            self._meta.close()
+            self._meta = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- checks ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._meta is None:
+            raise ThinpoolError("the pool is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyError(f"pool {self.name} is open read-only")
+        if self._meta.needs_check:
+            raise ReadOnlyError(f"pool {self.name} needs a check: run 'thinpool check' and 'thinpool repair'")
+        if self._data is None:
+            raise ReadOnlyError(f"pool {self.name} was opened without its data device")
+
+    def _entry(self, name: str) -> Entry:
+        self._check_open()
+        e = self._registry.volumes.get(name)
+        if e is None:
+            raise NotFound(f"no volume {name!r} in pool {self.name}")
+        return e
+
+    # -- volumes -----------------------------------------------------------------------------
+    @property
+    def mode(self) -> PoolMode:
+        self._check_open()
+        if self.read_only or self._meta.needs_check:
+            return PoolMode.READ_ONLY
+        if self._alloc.available() == 0:
+            return PoolMode.OUT_OF_DATA_SPACE
+        return PoolMode.WRITE
+
+    def volumes(self) -> list[str]:
+        self._check_open()
+        return sorted(self._registry.volumes, key=lambda n: self._registry.volumes[n].dev_id)
+
+    def volume(self, name: str) -> Volume:
+        e = self._entry(name)
+        v = self._volumes.get(name)
+        if v is None or v.dev_id != e.dev_id:
+            v = Volume(self, name, e.dev_id, e.size)
+            self._volumes[name] = v
+        v.size = e.size
+        return v
+
+    def _new_id(self) -> int:
+        used = set(self._meta.device_ids()) | set(self._meta.devices)
+        dev = 1
+        while dev in used:
+            dev += 1
+        if dev > fmt.MAX_DEV_ID:
+            raise ThinpoolError("no free thin device ids left")
+        return dev
+
+    def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None) -> None:
+        trans = self._meta.trans_id + 1
+        self._registry.begin(op, name, dev_id, size, trans, origin)
+        try:
+            action()
+            self._meta.set_transaction_id(trans)
+            self.commit()
+        except BaseException:
+            try:
+                self._meta.abort()
+            finally:
+                self._registry.cancel()
+            raise
+        self._registry.finish()
+
+    def create_thin(self, name: str, size: int) -> Volume:
+        """A new, empty thin volume of ``size`` bytes (may exceed the pool)."""
+        check_name(name)
+        _int_arg("volume size", size)
+        if size == 0:
+            raise InvalidArgument("a volume needs a size above zero")
+        self._check_writable()
+        if name in self._registry.volumes:
+            raise AlreadyExists(f"volume {name!r} exists already in pool {self.name}")
+        dev = self._new_id()
+        self._device_change("create", name, dev, size, lambda: self._meta.create_thin(dev))
+        return self.volume(name)
+
+    def snapshot(self, origin: str, name: str) -> Volume:
+        """A writable snapshot of ``origin`` named ``name``: O(1), shares every block."""
+        check_name(name)
+        self._check_writable()
+        src = self._entry(origin)
+        if name in self._registry.volumes:
+            raise AlreadyExists(f"volume {name!r} exists already in pool {self.name}")
+        dev = self._new_id()
+        self._device_change("snapshot", name, dev, src.size,
+                            lambda: self._meta.create_snap(dev, src.dev_id), origin=origin)
+        return self.volume(name)
+
+    def delete(self, name: str) -> None:
+        self._check_writable()
+        e = self._entry(name)
+        self._device_change("delete", name, e.dev_id, e.size, lambda: self._meta.delete(e.dev_id))
+        self._volumes.pop(name, None)
+        for other in self._registry.volumes.values():
+            if other.origin == name:
+                other.origin = None
+
+    def resize_volume(self, name: str, size: int) -> Volume:
+        """Grow or shrink a volume; shrinking unmaps everything past the new end."""
+        _int_arg("volume size", size)
+        if size == 0:
+            raise InvalidArgument("a volume needs a size above zero")
+        self._check_writable()
+        e = self._entry(name)
+
+        def shrink() -> None:
+            if size < e.size:
+                vol = self.volume(name)
+                bs = self.block_size
+                if size % bs:
+                    vol.write(size, bytes(min(bs - size % bs, e.size - size)))
+                self._meta.remove_range(e.dev_id, -(-size // bs), 1 << 62)
+
+        self._device_change("resize", name, e.dev_id, size, shrink, origin=e.origin)
+        return self.volume(name)
+
+    # -- pool size ---------------------------------------------------------------------------
+    def resize(self, data_size: int | None = None, metadata_size: int | None = None) -> None:
+        """Grow the data device and/or the metadata device (never shrink)."""
+        self._check_writable()
+        if data_size is not None:
+            _int_arg("data size", data_size)
+            nr = data_size // self.block_size
+            if nr < self._meta.nr_data_blocks:
+                raise InvalidArgument(
+                    f"the pool cannot shrink: it has {self._meta.nr_data_blocks * self.block_size} "
+                    f"bytes of data space, asked for {data_size}")
+            if nr * self.block_size > self._data.size:
+                self._data.grow(nr * self.block_size)
+            self._meta.resize_data(nr)
+        if metadata_size is not None:
+            _int_arg("metadata size", metadata_size)
+            blocks = -(-metadata_size // fmt.BLOCK_SIZE)
+            if blocks < self._meta.metadata_sm.nr_blocks:
+                raise InvalidArgument("the metadata device cannot shrink")
+            if blocks > self._meta.bm.nr_blocks:
+                self._meta.bm.grow(blocks)
+            self._meta.resize_metadata()
+        self.commit()
+
+    # -- transactions ------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Make every write so far durable: data fsync, then metadata, superblock last."""
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyError(f"pool {self.name} is open read-only")
+        if not self._meta.has_changes():
+            return
+        if self._data is not None:
+            self._data.sync()
+        freed = self._meta.commit()
+        if self._data is not None and len(freed):
+            for start, n in _block_runs(freed):
+                self._data.punch_blocks(start, n)
+
+    def _allocate(self, count: int, hint: int | None) -> np.ndarray:
+        return self._alloc.allocate(count, hint)
+
+    def _release(self, blocks: np.ndarray) -> None:
+        self._alloc.release(blocks)
+
+    # -- information -------------------------------------------------------------------------
+    def stat(self) -> PoolStat:
+        self._check_open()
+        meta = self._meta
+        vols = []
+        for name in self.volumes():
+            e = self._registry.volumes[name]
+            d = meta.devices.get(e.dev_id)
+            mapped = d.mapped_blocks if d else 0
+            vols.append(VolumeStat(name, e.dev_id, e.size, mapped, mapped * self.block_size,
+                                   e.origin, d.creation_time if d else 0,
+                                   d.snapshotted_time if d else 0))
+        used = meta.data_sm.nr_allocated()
+        mused = meta.metadata_sm.nr_allocated()
+        return PoolStat(
+            name=self.name, path=None if self.path is None else str(self.path),
+            data_path=None if self._data is None else self._data.path,
+            metadata_path=meta.bm.path, block_size=self.block_size,
+            data_blocks_total=meta.nr_data_blocks, data_blocks_used=used,
+            data_blocks_free=meta.nr_data_blocks - used,
+            metadata_blocks_total=meta.metadata_sm.nr_blocks, metadata_blocks_used=mused,
+            metadata_blocks_free=meta.metadata_sm.nr_blocks - mused,
+            transaction_id=meta.trans_id, time=meta.time, mode=self.mode.label,
+            needs_check=meta.needs_check, volumes=vols)
+
+    @property
+    def metadata(self) -> ThinMetadata:
+        """The open metadata, for tools (read it; change it only through the pool)."""
+        self._check_open()
+        return self._meta
+
+
+def _block_runs(blocks: np.ndarray):
+    """(start, length) runs of consecutive block numbers in a sorted array."""
+    if not len(blocks):
+        return
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(blocks)]])
+    for a, z in zip(starts.tolist(), ends.tolist()):
+        yield int(blocks[a]), z - a
+
+
+def _refuse_live_metadata(path: Path) -> None:
+    """Refuse to format over a device that holds dm-thin metadata already."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(fmt.BLOCK_SIZE)
+    except OSError as e:
+        raise InvalidArgument(f"cannot read metadata device {path}: {e.strerror}") from None
+    if len(head) == fmt.BLOCK_SIZE:
+        try:
+            SUPERBLOCK_VALIDATOR.check(head, 0)
+        except MetadataError:
+            return
+        if fmt.Superblock.unpack(head).magic == fmt.THIN_MAGIC:
+            raise AlreadyExists(f"{path} already holds dm-thin pool metadata; "
+                                f"wipe it first if you really mean to reuse it")
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(p.resolve())
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

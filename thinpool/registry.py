@@ -1,0 +1,156 @@
+"""The names registry: volume names and sizes beside the pool metadata.
+
+dm-thin knows only 24-bit device ids; names and virtual sizes are the manager's business (as they
+were for Docker's devicemapper driver). The registry is one small JSON file, replaced atomically
+(temp file, fsync, rename, fsync of the directory), so a reader sees the old or the new file,
+never a mix.
+
+A change to the set of devices is a two-phase operation tied to the pool's transaction id:
+
+1. ``begin(op)`` records the pending operation with the transaction id it will commit as;
+2. the metadata commits the change together with that transaction id;
+3. ``finish()`` applies the operation to the names and clears it.
+
+:meth:`Registry.reconcile` runs at every open: a pending operation whose transaction id the
+metadata reached is rolled forward, any other is rolled back. So an interrupted create, snapshot or
+delete is never left half done. Names whose device is missing from the metadata are dropped and
+devices with no name get one (their id as text), so the two always agree after an open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgument, MetadataError
+
+_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+@:-]{0,127}$")
+
+
+def check_name(name: object) -> str:
+    """Volume names: 1-128 characters of ``A-Z a-z 0-9 _ . + - @ :``, not starting with ``.`` or ``-``."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidArgument(
+            f"invalid volume name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . + - @ :, "
+            f"not starting with '.' or '-'")
+    return name
+
+
+@dataclass
+class Entry:
+    dev_id: int
+    size: int
+    origin: str | None = None
+
+
+@dataclass
+class Registry:
+    path: str | None
+    transaction_id: int = 0
+    volumes: dict[str, Entry] = field(default_factory=dict)
+    pending: dict | None = None
+
+    # -- persistence -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | None) -> "Registry":
+        if path is None or not os.path.exists(path):
+            return cls(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+            vols = {check_name(n): Entry(int(e["dev_id"]), int(e["size"]), e.get("origin"))
+                    for n, e in raw.get("volumes", {}).items()}
+            return cls(path, int(raw.get("transaction_id", 0)), vols, raw.get("pending"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MetadataError(f"names registry {path} is unreadable: {e}") from None
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        doc = {"version": 1, "transaction_id": self.transaction_id,
+               "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin}
+                           for n, e in sorted(self.volumes.items())},
+               "pending": self.pending}
+        d = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".names.", dir=d)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # -- queries -----------------------------------------------------------------------------
+    def by_id(self) -> dict[int, str]:
+        return {e.dev_id: n for n, e in self.volumes.items()}
+
+    # -- two-phase changes -------------------------------------------------------------------
+    def begin(self, op: str, name: str, dev_id: int, size: int, transaction_id: int,
+              origin: str | None = None) -> None:
+        self.pending = {"op": op, "name": name, "dev_id": dev_id, "size": size,
+                        "transaction_id": transaction_id, "origin": origin}
+        self.save()
+
+    def finish(self) -> None:
+        self._apply(self.pending)
+        self.pending = None
+        self.save()
+
+    def cancel(self) -> None:
+        self.pending = None
+        self.save()
+
+    def _apply(self, p: dict) -> None:
+        if p["op"] in ("create", "snapshot"):
+            self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"))
+        elif p["op"] == "resize":
+            self.volumes[p["name"]].size = p["size"]
+        elif p["op"] == "delete":
+            self.volumes.pop(p["name"], None)
+        self.transaction_id = p["transaction_id"]
+
+    def reconcile(self, transaction_id: int, device_ids: list[int], size_of) -> list[str]:
+        """Bring the names in line with the metadata; returns what was done (for logs and stat)."""
+        notes: list[str] = []
+        changed = False
+        if self.pending is not None:
+            p = self.pending
+            if transaction_id >= p["transaction_id"]:
+                self._apply(p)
+                notes.append(f"rolled forward an interrupted {p['op']} of {p['name']!r}")
+            else:
+                notes.append(f"rolled back an interrupted {p['op']} of {p['name']!r}")
+            self.pending = None
+            changed = True
+        ids = set(device_ids)
+        for name, e in list(self.volumes.items()):
+            if e.dev_id not in ids:
+                del self.volumes[name]
+                notes.append(f"dropped name {name!r}: device {e.dev_id} is not in the metadata")
+                changed = True
+        named = self.by_id()
+        for dev in sorted(ids - set(named)):
+            name = str(dev) if str(dev) not in self.volumes else f"dev-{dev}"
+            self.volumes[name] = Entry(dev, size_of(dev))
+            changed = True
+        if self.transaction_id != transaction_id:
+            self.transaction_id = transaction_id
+            changed = True
+        if changed:
+            self.save()
+        return notes

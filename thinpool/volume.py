@@ -1,0 +1,198 @@
+"""Volume: byte-addressed I/O on one thin device of a pool.
+
+Semantics (those of a dm-thin device):
+
+* ``read`` of a range nobody wrote returns zeros.
+* ``write`` into an unmapped block provisions it: a data block is allocated and written whole
+  (the bytes outside the write are zeros), so a reused block never shows its previous owner's data.
+* ``write`` into a block shared with another device (the mapping predates the device's latest
+  snapshot, the kernel's test) copies the block to a new one first and remaps; no other device's
+  bytes change. A write into an exclusive block is done in place.
+* ``discard`` unmaps every whole block in its range (freeing the data blocks no one else maps)
+  and writes zeros over the partial edges, so the whole range reads as zeros afterwards.
+* Requests reaching past ``size`` raise :class:`~thinpool.errors.OutOfRange` and change nothing; a
+  write that needs more new blocks than the pool has free raises
+  :class:`~thinpool.errors.NoDataSpace` before anything is written.
+* ``flush`` makes every write before it durable (it commits the pool).
+
+Costs: one mapping-tree range walk per request, then one ``pread``/``pwrite`` per run of
+consecutive data blocks (not one per block); allocation is one vectorised request per write.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import InvalidArgument, OutOfRange
+from .metadata import format as fmt
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+
+class Volume:
+    def __init__(self, pool: "Pool", name: str, dev_id: int, size: int):
+        self.pool = pool
+        self.name = name
+        self.dev_id = dev_id
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"Volume({self.name!r}, dev_id={self.dev_id}, size={self.size})"
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if not isinstance(offset, int) or not isinstance(length, int) or isinstance(offset, bool):
+            raise InvalidArgument(f"{what}: offset and length must be integers")
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"{what}: negative offset or length ({offset}, {length})")
+        if offset + length > self.size:
+            raise OutOfRange(f"{what} of {length} bytes at offset {offset} reaches past the end "
+                             f"of volume {self.name!r} ({self.size} bytes)")
+
+    def _map(self, first: int, last: int) -> dict[int, tuple[int, int]]:
+        """Mappings of virtual blocks [first, last]: vblock -> (data block, time)."""
+        meta = self.pool._meta
+        out: dict[int, tuple[int, int]] = {}
+        for keys, vals in meta.mappings(self.dev_id, first, last + 1):
+            blocks = (vals >> np.uint64(24)).tolist()
+            times = (vals & np.uint64(fmt.TIME_MASK)).tolist()
+            out.update(zip(keys.tolist(), zip(blocks, times)))
+        return out
+
+    # -- read --------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length, "read")
+        if length == 0:
+            return b""
+        pool = self.pool
+        pool._check_open()
+        bs = pool.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        maps = self._map(first, last)
+        if not maps:
+            return bytes(length)
+        out = bytearray(length)
+        dev = pool._data
+        for vb, db, n in _runs(maps):
+            lo = max(offset, vb * bs)
+            hi = min(offset + length, (vb + n) * bs)
+            out[lo - offset: hi - offset] = dev.read_span(db, lo - vb * bs, hi - lo)
+        return bytes(out)
+
+    # -- write -------------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        length = data.nbytes
+        self._check_range(offset, length, "write")
+        pool = self.pool
+        pool._check_writable()
+        if length == 0:
+            return
+        bs = pool.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        meta = pool._meta
+        maps = self._map(first, last)
+        in_place: dict[int, int] = {}
+        fresh: list[int] = []          # virtual blocks that need a new data block
+        shared_src: dict[int, int] = {}
+        for vb in range(first, last + 1):
+            m = maps.get(vb)
+            if m is None:
+                fresh.append(vb)
+            elif meta.is_shared(self.dev_id, m[1]):
+                fresh.append(vb)
+                shared_src[vb] = m[0]
+            else:
+                in_place[vb] = m[0]
+        end = offset + length
+        dev = pool._data
+        new = np.zeros(0, np.int64)
+        if fresh:   # allocate first: running out of space must change nothing
+            prev = None
+            if fresh[0] > 0:
+                prev = maps.get(fresh[0] - 1) or meta.lookup(self.dev_id, fresh[0] - 1)
+            new = pool._allocate(len(fresh), None if prev is None else prev[0] + 1)
+        # Writes into exclusive blocks, one pwrite per run.
+        for vb, db, n in _runs({v: (b, 0) for v, b in in_place.items()}):
+            lo = max(offset, vb * bs)
+            hi = min(end, (vb + n) * bs)
+            dev.write_span(db, lo - vb * bs, data[lo - offset: hi - offset])
+        if not fresh:
+            return
+        # Build each new block whole: the write's bytes over zeros or over the shared original.
+        try:
+            for vb, db, n in _runs({v: (int(b), 0) for v, b in zip(fresh, new)}):
+                buf = bytearray(n * bs)
+                for k in range(n):
+                    v = vb + k
+                    lo, hi = max(offset, v * bs), min(end, (v + 1) * bs)
+                    if hi - lo < bs and v in shared_src:
+                        buf[k * bs:(k + 1) * bs] = dev.read_blocks(shared_src[v], 1)
+                    buf[lo - v * bs + k * bs: hi - v * bs + k * bs] = data[lo - offset: hi - offset]
+                dev.write_blocks(db, buf)
+        except BaseException:
+            pool._release(new)
+            raise
+        for v, b in zip(fresh, new.tolist()):
+            meta.insert(self.dev_id, v, b)
+
+    # -- discard -----------------------------------------------------------------------------
+    def discard(self, offset: int, length: int) -> None:
+        self._check_range(offset, length, "discard")
+        pool = self.pool
+        pool._check_writable()
+        if length == 0:
+            return
+        bs = pool.block_size
+        end = offset + length
+        whole_lo = -(-offset // bs)
+        whole_hi = end // bs
+        # Partial edges: zero the bytes inside mapped blocks.
+        edges = []
+        if whole_lo > whole_hi:                     # inside a single block
+            edges.append((offset, end))
+        else:
+            if offset < whole_lo * bs:
+                edges.append((offset, whole_lo * bs))
+            if end > whole_hi * bs:
+                edges.append((whole_hi * bs, end))
+        for lo, hi in edges:
+            if pool._meta.lookup(self.dev_id, lo // bs) is not None:
+                self.write(lo, bytes(hi - lo))
+        if whole_hi > whole_lo:
+            pool._meta.remove_range(self.dev_id, whole_lo, whole_hi)
+
+    def flush(self) -> None:
+        self.pool.commit()
+
+    # -- information -------------------------------------------------------------------------
+    @property
+    def mapped_blocks(self) -> int:
+        return self.pool._meta.device(self.dev_id).mapped_blocks
+
+    def mappings(self) -> list[tuple[int, int, int]]:
+        """Every mapping as (virtual block, data block, time), in order."""
+        out = []
+        for keys, vals in self.pool._meta.mappings(self.dev_id):
+            for k, v in zip(keys.tolist(), vals.tolist()):
+                out.append((k, v >> 24, v & fmt.TIME_MASK))
+        return out
+
+
+def _runs(maps: dict[int, tuple[int, int]], max_len: int = 256):
+    """Group vblock -> (data block, _) into runs (vblock, data block, length) that are
+    consecutive in both."""
+    start = None
+    for vb in sorted(maps):
+        db = maps[vb][0]
+        if start is not None and vb == start[0] + n and db == start[1] + n and n < max_len:
+            n += 1
+            continue
+        if start is not None:
+            yield start[0], start[1], n
+        start, n = (vb, db), 1
+    if start is not None:
+        yield start[0], start[1], n
