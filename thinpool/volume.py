@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidArgument, OutOfRange
+from .errors import InvalidArgument, NoDataSpace, OutOfRange
 from .metadata import format as fmt
 
 if TYPE_CHECKING:
@@ -122,17 +122,21 @@ class Volume:
             dev.write_span(db, lo - vb * bs, data[lo - offset: hi - offset])
         if not fresh:
             return
-        # Build each new block whole: the write's bytes over zeros or over the shared original.
+        # New blocks: only the first and last block of a write can be partly covered. Those get
+        # the shared original copied in (copy-on-write) or are zeroed first, so a reused block
+        # never shows old bytes; then each run of new blocks takes one write.
         try:
-            for vb, db, n in _runs({v: (int(b), 0) for v, b in zip(fresh, new)}):
-                buf = bytearray(n * bs)
-                for k in range(n):
-                    v = vb + k
-                    lo, hi = max(offset, v * bs), min(end, (v + 1) * bs)
-                    if hi - lo < bs and v in shared_src:
-                        buf[k * bs:(k + 1) * bs] = dev.read_blocks(shared_src[v], 1)
-                    buf[lo - v * bs + k * bs: hi - v * bs + k * bs] = data[lo - offset: hi - offset]
-                dev.write_blocks(db, buf)
+            for v, db in zip(fresh, new.tolist()):
+                if v not in (first, last) or (offset <= v * bs and end >= (v + 1) * bs):
+                    continue
+                if v in shared_src:
+                    dev.copy_blocks(shared_src[v], db, 1)
+                else:
+                    dev.zero_blocks(db, 1)
+            for vb, db, n in _runs({v: (int(b), 0) for v, b in zip(fresh, new)}, 1 << 30):
+                lo = max(offset, vb * bs)
+                hi = min(end, (vb + n) * bs)
+                dev.write_span(db, lo - vb * bs, data[lo - offset: hi - offset])
         except BaseException:
             pool._release(new)
             raise
@@ -159,9 +163,17 @@ class Volume:
                 edges.append((offset, whole_lo * bs))
             if end > whole_hi * bs:
                 edges.append((whole_hi * bs, end))
+        meta = pool._meta
+        dirty = []
         for lo, hi in edges:
-            if pool._meta.lookup(self.dev_id, lo // bs) is not None:
-                self.write(lo, bytes(hi - lo))
+            m = meta.lookup(self.dev_id, lo // bs)
+            if m is not None:
+                dirty.append((lo, hi, meta.is_shared(self.dev_id, m[1])))
+        need = sum(shared for _, _, shared in dirty)
+        if need and pool._alloc.available() < need:
+            raise NoDataSpace(f"discard needs {need} free block(s) to zero a shared partial block")
+        for lo, hi, _ in dirty:
+            self.write(lo, bytes(hi - lo))
         if whole_hi > whole_lo:
             pool._meta.remove_range(self.dev_id, whole_lo, whole_hi)
 
