@@ -195,6 +195,12 @@ class BlockManager:
     def write(self, b: int, buf: bytearray, validator: Validator) -> None:
         self.write_many([(b, buf, validator)])
 
+    def zero_block(self, b: int) -> None:
+        """Overwrite a block with zeros and flush (to invalidate, e.g., a half-written superblock)."""
+        self.forget(b)
+        self._write_all(b, bytes(fmt.BLOCK_SIZE))
+        os.fsync(self._fd)
+
     def flush(self) -> None:
         if not self.read_only:
             os.fsync(self._fd)

@@ -109,3 +109,70 @@ def expected_counts(meta: ThinMetadata) -> tuple[np.ndarray, np.ndarray]:
             walk_btree(meta.mapping_tree, r, v, seen)
     v.data_leaves = False
     return v.metadata, v.data
+
+
+class MetadataReader:
+    """Read-only access to the trees of a metadata device, live or through the held snapshot.
+
+    Loads no space maps (cheap to open); never writes. ``metadata_snap=True`` reads the trees of
+    the held metadata snapshot (``reserve_metadata_snap``), which a writer leaves intact."""
+
+    def __init__(self, path, metadata_snap: bool = False):
+        from ..errors import MetadataError, NotFound
+        from .block import SUPERBLOCK_VALIDATOR, BlockManager
+        from .btree import ValueType
+        from .transaction import TransactionManager
+
+        self.bm = BlockManager(path, read_only=True)
+        try:
+            raw = self.bm.read(0, SUPERBLOCK_VALIDATOR)
+            self.sb = fmt.Superblock.unpack(raw)
+            if self.sb.magic != fmt.THIN_MAGIC:
+                raise MetadataError(f"{path} is not dm-thin pool metadata (bad magic {self.sb.magic:#x})")
+            self.view = self.sb
+            if metadata_snap:
+                if not self.sb.metadata_snap:
+                    raise NotFound(f"{path} has no held metadata snapshot")
+                self.view = fmt.Superblock.unpack(self.bm.read(self.sb.metadata_snap, SUPERBLOCK_VALIDATOR))
+        except BaseException:
+            self.bm.close()
+            raise
+        self.tm = TransactionManager(self.bm, None)
+        self.mapping_tree = BTree(self.tm, ValueType("mapping", fmt.U64))
+        self.top_tree = BTree(self.tm, ValueType("top level", fmt.U64))
+        self.details_tree = BTree(self.tm, ValueType("device details", fmt.DETAILS_DTYPE))
+        self.metadata_snap = metadata_snap
+
+    def close(self) -> None:
+        self.bm.close()
+
+    def __enter__(self) -> "MetadataReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def nr_data_blocks(self) -> int:
+        return 0 if self.metadata_snap else self.sb.data_sm.nr_blocks
+
+    def details(self) -> dict[int, fmt.DeviceDetails]:
+        out = {}
+        for k, v in self.details_tree.items(self.view.device_details_root):
+            out[k] = fmt.DeviceDetails(int(v["mapped_blocks"]), int(v["transaction_id"]),
+                                       int(v["creation_time"]), int(v["snapshotted_time"]))
+        return out
+
+    def roots(self) -> dict[int, int]:
+        return {k: int(v) for k, v in self.top_tree.items(self.view.data_mapping_root)}
+
+    def mappings(self, root: int, lo: int = 0, hi: int | None = None):
+        """(virtual blocks, packed values) per leaf of the mapping tree at ``root``."""
+        return self.mapping_tree.leaves(root, lo, hi)
+
+    def device_arrays(self, root: int) -> tuple[np.ndarray, np.ndarray]:
+        """All of a device's mappings as two arrays (virtual blocks, packed values)."""
+        parts = list(self.mapping_tree.leaves(root))
+        if not parts:
+            return np.zeros(0, fmt.U64), np.zeros(0, fmt.U64)
+        return (np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts]))

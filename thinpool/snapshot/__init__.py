@@ -1,0 +1,1 @@
+"""Snapshot-aware accounting: deltas between devices, exclusive and shared space."""

@@ -1,0 +1,1 @@
+"""Offline and live metadata maintenance: check, repair, dump/restore, trim, size estimates."""
