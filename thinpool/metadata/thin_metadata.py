@@ -257,6 +257,19 @@ class ThinMetadata:
         self._changed.discard(dev_id)
         self._deleted.add(dev_id)
 
+    def adopt_device(self, dev_id: int, root: int, mapped_blocks: int, transaction_id: int,
+                     creation_time: int, snapshotted_time: int) -> None:
+        """Add a device whose mapping tree was built elsewhere (bulk restore or repair); the
+        tree's data-block references must already be counted by the caller."""
+        self._writable()
+        self._check_new_id(dev_id)
+        self.roots[dev_id] = root
+        self._dirty_roots.add(dev_id)
+        self.devices[dev_id] = Device(dev_id, mapped_blocks, transaction_id, creation_time,
+                                      snapshotted_time)
+        self._changed.add(dev_id)
+        self._deleted.discard(dev_id)
+
     def set_transaction_id(self, trans_id: int) -> None:
         self._writable()
         self.trans_id = trans_id
@@ -347,7 +360,7 @@ class ThinMetadata:
             meta_root = self.metadata_sm.commit(self.tm)
             sb = fmt.Superblock(**{
                 **self.sb.__dict__,
-                "blocknr": 0, "magic": fmt.THIN_MAGIC, "version": fmt.METADATA_VERSION,
+                "blocknr": 0, "magic": fmt.THIN_MAGIC,
                 "time": self.time, "trans_id": self.trans_id,
                 "data_sm_root": data_root.pack(), "metadata_sm_root": meta_root.pack(),
                 "data_mapping_root": self.top_root, "device_details_root": self.details_root,

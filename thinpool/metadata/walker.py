@@ -154,7 +154,7 @@ class MetadataReader:
 
     @property
     def nr_data_blocks(self) -> int:
-        return 0 if self.metadata_snap else self.sb.data_sm.nr_blocks
+        return self.view.data_sm.nr_blocks     # a held snapshot's copy has it zeroed
 
     def details(self) -> dict[int, fmt.DeviceDetails]:
         out = {}

@@ -49,11 +49,10 @@ def mapping_runs(keys: np.ndarray, values: np.ndarray):
 
 
 def superblock_info(reader: MetadataReader) -> dict:
-    sb, view = reader.sb, reader.view
+    view = reader.view
     return {"uuid": "", "time": view.time, "transaction": view.trans_id, "flags": view.flags,
             "version": view.version, "data_block_size": view.data_block_size,
-            "nr_data_blocks": reader.nr_data_blocks,
-            "metadata_snap": sb.metadata_snap}
+            "nr_data_blocks": reader.nr_data_blocks, "metadata_snap": view.metadata_snap}
 
 
 def dump(reader: MetadataReader, out: DumpEmitter, dev_ids: list[int] | None = None) -> None:
