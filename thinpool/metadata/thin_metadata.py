@@ -178,6 +178,8 @@ class ThinMetadata:
                 self.metadata_sm.extend(bigger)
 
     def _reset_changes(self) -> None:
+        self._committed_snap = self.sb.metadata_snap
+        self._owned: set[int] = set()
         self._dirty_roots: set[int] = set()
         self._changed: set[int] = set()
         self._deleted: set[int] = set()
@@ -200,7 +202,7 @@ class ThinMetadata:
         return bool(self.sb.flags & fmt.SB_FLAG_NEEDS_CHECK)
 
     def has_changes(self) -> bool:
-        return bool(self.tm.dirty or self._dirty_roots or self._changed or self._deleted
+        return bool(self.tm.dirty or self._dirty_roots or self.sb.metadata_snap != self._committed_snap or self._changed or self._deleted
                     or self.trans_id != self.sb.trans_id or self.time != self.sb.time
                     or np.any(self.data_sm.counts != self.data_sm.committed))
 
@@ -281,6 +283,16 @@ class ThinMetadata:
             raise NotFound(f"thin device {dev_id} does not exist")
         return r
 
+    def _own(self, dev_id: int) -> None:
+        """Before a device's mapping tree changes for the first time in a transaction, make its
+        path in the top-level tree exclusive (shadowing it now, as the kernel's two-level insert
+        does). If a top-level node was shared, e.g. with a held metadata snapshot, the copy gives
+        the device's root the extra reference it needs before that root is shadowed in turn."""
+        if dev_id in self._owned:
+            return
+        self.top_root, _ = self.top_tree.insert(self.top_root, dev_id, self.roots[dev_id], callbacks=False)
+        self._owned.add(dev_id)
+
     def lookup(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
         v = self.mapping_tree.lookup(self._root(dev_id), vblock)
         return None if v is None else fmt.unpack_mapping(int(v))
@@ -297,6 +309,7 @@ class ThinMetadata:
         time. An overwritten mapping's old data block loses a reference. Returns the old mapping."""
         self._writable()
         dev = self.devices[dev_id]
+        self._own(dev_id)
         root = self.roots[dev_id]
         new_root, old = self.mapping_tree.insert(root, vblock, fmt.pack_mapping(data_block, self.time))
         if new_root != root:
@@ -311,6 +324,7 @@ class ThinMetadata:
     def remove(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
         """Unmap ``vblock``; its data block loses a reference. Returns the old mapping or None."""
         self._writable()
+        self._own(dev_id)
         root = self.roots[dev_id]
         new_root, old = self.mapping_tree.remove(root, vblock)
         if old is None:
@@ -342,6 +356,39 @@ class ThinMetadata:
         n = min(self.bm.refresh_size(), fmt.MAX_METADATA_BLOCKS)
         if n > self.metadata_sm.nr_blocks:
             self.metadata_sm.extend(n)
+
+    # -- held metadata snapshot --------------------------------------------------------------
+    def reserve_metadata_snap(self) -> int:
+        """Commit, then keep a copy of the superblock whose trees stay intact for readers
+        (``thin_dump -m``) while the pool goes on changing. Returns the copy's block."""
+        from .block import SUPERBLOCK_VALIDATOR as SBV
+        self._writable()
+        if self.sb.metadata_snap:
+            raise AlreadyExists(f"a metadata snapshot is already held (block {self.sb.metadata_snap})")
+        self.commit()
+        held, buf = self.tm.new_block(SBV)
+        copy = fmt.Superblock(**{**self.sb.__dict__, "data_sm_root": bytes(128),
+                                 "metadata_sm_root": bytes(128), "metadata_snap": 0})
+        buf[:] = copy.pack()
+        self.tm.inc(self.sb.data_mapping_root)
+        self.tm.inc(self.sb.device_details_root)
+        self.sb = fmt.Superblock(**{**self.sb.__dict__, "metadata_snap": held})
+        self.commit()
+        return held
+
+    def release_metadata_snap(self) -> None:
+        """Drop the held metadata snapshot and every block only it still used."""
+        from .block import SUPERBLOCK_VALIDATOR as SBV
+        self._writable()
+        held = self.sb.metadata_snap
+        if not held:
+            raise NotFound("no metadata snapshot is held")
+        copy = fmt.Superblock.unpack(self.tm.read(held, SBV))
+        self.top_tree.delete(copy.data_mapping_root)
+        self.details_tree.delete(copy.device_details_root)
+        self.tm.dec(held)
+        self.sb = fmt.Superblock(**{**self.sb.__dict__, "metadata_snap": 0})
+        self.commit()
 
     # -- transactions ------------------------------------------------------------------------
     def commit(self) -> np.ndarray:

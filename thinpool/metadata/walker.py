@@ -60,14 +60,16 @@ class RefCountVisitor:
     def __init__(self, nr_metadata_blocks: int, nr_data_blocks: int):
         self.metadata = np.zeros(nr_metadata_blocks, np.int64)
         self.data = np.zeros(nr_data_blocks, np.int64)
-        self.leaf_values: list[np.ndarray] = []
         self.data_leaves = False
+        self.top_leaves: list[np.ndarray] | None = None
 
     def reference(self, block: int) -> None:
         if block < len(self.metadata):
             self.metadata[block] += 1
 
     def node(self, block: int, node: Node, path: tuple) -> None:
+        if self.top_leaves is not None and node.is_leaf:
+            self.top_leaves.append(node.values[: node.nr].copy())
         if self.data_leaves and node.is_leaf and node.nr:
             blocks = (node.values[: node.nr] >> np.uint64(24)).astype(np.int64)
             blocks = blocks[blocks < len(self.data)]
@@ -101,13 +103,22 @@ def expected_counts(meta: ThinMetadata) -> tuple[np.ndarray, np.ndarray]:
             v.reference(loc)
     walk_btree(BTree(tm, REF_COUNT_VT), dsm.ref_count_root, v, seen)
     # Device details and the two-level mapping tree.
-    walk_btree(meta.details_tree, sb.device_details_root, v, seen)
-    walk_btree(meta.top_tree, sb.data_mapping_root, v, seen)
-    v.data_leaves = True
-    for _, roots in meta.top_tree.leaves(sb.data_mapping_root):
-        for r in roots.tolist():
+    views = [sb]
+    if sb.metadata_snap:
+        from .block import SUPERBLOCK_VALIDATOR
+        v.reference(sb.metadata_snap)
+        views.append(fmt.Superblock.unpack(tm.read(sb.metadata_snap, SUPERBLOCK_VALIDATOR)))
+    for view in views:
+        walk_btree(meta.details_tree, view.device_details_root, v, seen)
+        # Subtree roots are referenced once per distinct top-level leaf holding them.
+        v.top_leaves = []
+        walk_btree(meta.top_tree, view.data_mapping_root, v, seen)
+        subtrees = [r for leaf in v.top_leaves for r in leaf.tolist()]
+        v.top_leaves = None
+        v.data_leaves = True
+        for r in subtrees:
             walk_btree(meta.mapping_tree, r, v, seen)
-    v.data_leaves = False
+        v.data_leaves = False
     return v.metadata, v.data
 
 

@@ -406,17 +406,21 @@ class Checker:
         if held.magic != fmt.THIN_MAGIC:
             self.add("magic", "held snapshot superblock has a bad magic", block=b, structure=s)
             return
-        details = self._details(held.device_details_root)
-        roots: dict[int, int] = {}
+        # Its trees share nodes with the live ones: walk them for references, descending only
+        # into nodes the live walk has not seen (the walker skips those by itself).
+        self.walk("device details", held.device_details_root)
+        subtrees: list[int] = []
 
         def top_leaf(blk, n, path):
-            for k, v in zip(n.keys[: n.nr].tolist(), n.values[: n.nr].tolist()):
-                roots[k] = v
+            subtrees.extend(int(v) for v in n.values[: n.nr])
 
         self.walk("top-level mapping tree", held.data_mapping_root, top_leaf)
-        before = self.report.nr_mappings
-        self._mappings(roots, details, 1 << 62)
-        self.report.nr_mappings = before
+
+        def leaf(blk, n, path):
+            self.data_parts.append((n.values[: n.nr] >> np.uint64(fmt.TIME_BITS)).astype(np.int64))
+
+        for r in subtrees:
+            self.walk("mapping tree", r, leaf)
 
     def _compare_metadata(self, counts: np.ndarray | None, nr_blocks: int) -> None:
         if counts is None:
