@@ -41,7 +41,7 @@ from .data.device import DataDevice
 from .errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NotFound,
                      ReadOnlyError, ThinpoolError)
 from .metadata import format as fmt
-from .metadata.block import SUPERBLOCK_VALIDATOR
+from .metadata.block import SUPERBLOCK_VALIDATOR, create_metadata_file
 from .metadata.thin_metadata import ThinMetadata, check_data_block_size
 from .registry import Entry, Registry, check_name
 from .volume import Volume
@@ -222,12 +222,8 @@ class Pool:
                 msize = -(-msize // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
                 if msize < MIN_METADATA_SIZE:
                     raise InvalidArgument(f"metadata size {msize} is below the minimum of 2 MiB")
-                fd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                create_metadata_file(mpath, msize)
                 made.append(mpath)
-                try:
-                    os.ftruncate(fd, msize)
-                finally:
-                    os.close(fd)
             ThinMetadata.format(mpath, block_size // fmt.SECTOR_SIZE, nr_data_blocks).close()
             config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path)}
             _write_json(path / CONFIG_NAME, config)

@@ -372,6 +372,12 @@ class DataDevice:
         offset, _ = self._range(block, count)
         return offset + offset_in_block, length
 
+    def allocated_bytes(self) -> int | None:
+        """Bytes the host has allocated for a file (``st_blocks``); None for a block device."""
+        if self.is_block_device:
+            return None
+        return os.fstat(self._live_fd()).st_blocks * 512
+
     def copy_blocks(self, src: int, dst: int, count: int) -> None:
         """Copy ``count`` blocks from ``src`` to ``dst`` inside the device.
 

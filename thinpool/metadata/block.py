@@ -231,6 +231,26 @@ class BlockManager:
         self.clear_cache()
 
 
+def create_metadata_file(path, size: int) -> None:
+    """Create a new sparse metadata file of ``size`` bytes (rounded up to whole blocks)."""
+    size = -(-size // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def device_size(path) -> int:
+    """Size in bytes of a metadata file or block device."""
+    bm = BlockManager(path, read_only=True, cache_blocks=1)
+    try:
+        return bm.nr_blocks * fmt.BLOCK_SIZE
+    finally:
+        bm.close()
+
+
 def new_block_buffer() -> bytearray:
     return bytearray(fmt.BLOCK_SIZE)
 
