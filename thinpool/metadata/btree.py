@@ -44,6 +44,16 @@ from .transaction import TransactionManager
 _HDR = fmt.NODE_HEADER
 
 
+#: No valid tree is this deep (even 1/3-full nodes of u64 keys stay under 12 levels); a longer
+#: path means damaged metadata with a cycle, which must not make a reader loop forever.
+MAX_DEPTH = 64
+
+
+def _too_deep(root: int, b: int) -> CorruptBlock:
+    return CorruptBlock(b, "btree node", "tree deeper than any valid tree (a cycle?)",
+                        f"more than {MAX_DEPTH} levels below root {root}")
+
+
 def _noop(values: np.ndarray) -> None:
     return None
 
@@ -147,7 +157,7 @@ class BTree:
     # -- reading -----------------------------------------------------------------------------
     def lookup(self, root: int, key: int):
         b = root
-        while True:
+        for _ in range(MAX_DEPTH):
             n = self.node(b)
             i = n.lower(key)
             if i < 0:
@@ -155,12 +165,16 @@ class BTree:
             if n.is_leaf:
                 return n.values[i] if int(n.keys[i]) == key else None
             b = int(n.values[i])
+        raise _too_deep(root, b)
 
     def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (keys, values) array pairs, leaf by leaf, for keys in [lo, hi), in key order."""
-        stack = [root]
+        stack = [(root, 1)]
         while stack:
-            n = self.node(stack.pop())
+            b, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise _too_deep(root, b)
+            n = self.node(b)
             keys = n.keys[: n.nr]
             if n.is_leaf:
                 a = int(np.searchsorted(keys, np.uint64(lo), side="left")) if lo else 0
@@ -170,7 +184,7 @@ class BTree:
                 continue
             a = max(n.lower(lo), 0) if lo else 0
             z = n.nr if hi is None else int(np.searchsorted(keys, np.uint64(hi), side="left"))
-            stack.extend(reversed(n.values[a:z].tolist()))
+            stack.extend((c, depth + 1) for c in reversed(n.values[a:z].tolist()))
 
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, object]]:
         for keys, values in self.leaves(root, lo, hi):
@@ -268,6 +282,7 @@ class BTree:
             return root, None
         n = self._shadow(root)
         root = n.block
+        path: list[tuple[Node, int]] = []    # (shadowed parent, index of the child taken)
         while not n.is_leaf:
             if n.nr == 1:
                 self._absorb_child(n)
@@ -276,6 +291,7 @@ class BTree:
             i = n.lower(key)
             child = self._shadow(int(n.values[i]))
             n.values[i] = child.block
+            path.append((n, i))
             n = child
         i = n.lower(key)
         old = n.values[i].copy()
@@ -283,6 +299,13 @@ class BTree:
         n.keys[i: nr - 1] = n.keys[i + 1: nr].copy()
         n.values[i: nr - 1] = n.values[i + 1: nr].copy()
         n.set_nr(nr - 1)
+        if i == 0 and n.nr:
+            # The leaf's first key changed: keep each separator above it equal to it.
+            first = n.keys[0]
+            for parent, j in reversed(path):
+                parent.keys[j] = first
+                if j:
+                    break
         if callbacks:
             self.vt.dec(np.atleast_1d(old))
         return root, old

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import CorruptBlock, MetadataError, NoDataSpace, NoMetadataSpace
+from ..errors import CorruptBlock, InvalidArgument, MetadataError, NoDataSpace, NoMetadataSpace
 from . import format as fmt
 from .block import BITMAP_VALIDATOR, INDEX_VALIDATOR
 from .btree import BTree, ValueType
@@ -148,6 +148,10 @@ class SpaceMap:
 
     def alloc_run(self, count: int, hint: int | None = None) -> np.ndarray:
         """``count`` free blocks, first fit from ``hint`` (contiguous where space allows); all or nothing."""
+        if count < 0:
+            raise InvalidArgument(f"cannot allocate {count} {self.kind} blocks")
+        if count == 0:
+            return np.zeros(0, np.int64)
         start = self._cursor if hint is None else hint
         parts: list[np.ndarray] = []
         got = 0
@@ -191,19 +195,25 @@ class SpaceMap:
             seg = self.counts[i * E: (i + 1) * E]
             seg[:] = vals[: len(seg)]
         self.bitmap_blocks = list(entries)
-        over = np.flatnonzero(self.counts == 3)
+        # As the kernel reads them: the tree's count is used only where the bitmap says 3.
+        three = self.counts == 3
+        found = np.zeros(self.nr_blocks, bool)
         tree = BTree(tm, REF_COUNT_VT)
         for keys, vals in tree.leaves(self.ref_count_root):
             bad = keys >= self.nr_blocks
             if bad.any():
                 raise CorruptBlock(self.ref_count_root, "ref count tree", "key past the end of the space map",
                                    f"block {int(keys[bad][0])}")
-            self.counts[keys.astype(np.int64)] = vals
+            k = keys.astype(np.int64)
+            use = three[k]
+            self.counts[k[use]] = vals[use]
+            found[k[use]] = True
         # Every bitmap 3 must have a tree entry with a count of at least 3.
-        if len(over) and int(self.counts[over].min()) < 3:
-            b = int(over[self.counts[over] < 3][0])
+        wrong = three & (~found | (self.counts < 3))
+        if wrong.any():
+            b = int(np.flatnonzero(wrong)[0])
             raise MetadataError(f"{self.kind} space map: block {b} has bitmap value 3 "
-                                f"but no count in the ref-count tree")
+                                f"but no count of 3 or more in the ref-count tree")
         self.committed = self.counts.copy()
 
     def _update_overflow(self, tm: TransactionManager, changed: np.ndarray, applied: dict[int, int]) -> bool:
@@ -248,17 +258,21 @@ class DataSpaceMap(SpaceMap):
 
     @classmethod
     def load(cls, tm: TransactionManager, root: fmt.SpaceMapRoot) -> "DataSpaceMap":
+        tree = BTree(tm, INDEX_VT)
+        entries: list[int] = []
+        for keys, vals in tree.leaves(root.bitmap_root):
+            for k, v in zip(keys.tolist(), vals["blocknr"].tolist()):
+                if k != len(entries):
+                    raise CorruptBlock(root.bitmap_root, "data space map index", "missing bitmap",
+                                       f"expected bitmap {len(entries)}, found {k}")
+                entries.append(v)
+        # Check the size against the index before allocating counts for it (a damaged nr_blocks
+        # must not ask numpy for petabytes).
+        if len(entries) != (root.nr_blocks + E - 1) // E:
+            raise MetadataError(f"data space map: {len(entries)} bitmaps for {root.nr_blocks} blocks")
         sm = cls(root.nr_blocks)
         sm.index_root = root.bitmap_root
         sm.ref_count_root = root.ref_count_root
-        tree = BTree(tm, INDEX_VT)
-        entries: list[int] = []
-        for keys, vals in tree.leaves(sm.index_root):
-            for k, v in zip(keys.tolist(), vals["blocknr"].tolist()):
-                if k != len(entries):
-                    raise CorruptBlock(sm.index_root, "data space map index", "missing bitmap",
-                                       f"expected bitmap {len(entries)}, found {k}")
-                entries.append(v)
         sm._load_bitmaps(tm, entries)
         return sm
 

@@ -204,6 +204,8 @@ class ThinMetadata:
     def has_changes(self) -> bool:
         return bool(self.tm.dirty or self._dirty_roots or self.sb.metadata_snap != self._committed_snap or self._changed or self._deleted
                     or self.trans_id != self.sb.trans_id or self.time != self.sb.time
+                    or self.data_sm.nr_blocks != self.sb.data_sm.nr_blocks
+                    or self.metadata_sm.nr_blocks != self.sb.metadata_sm.nr_blocks
                     or np.any(self.data_sm.counts != self.data_sm.committed))
 
     def _writable(self) -> None:
@@ -308,7 +310,7 @@ class ThinMetadata:
         """Map ``vblock`` to ``data_block`` (whose reference the caller hands over) at the current
         time. An overwritten mapping's old data block loses a reference. Returns the old mapping."""
         self._writable()
-        dev = self.devices[dev_id]
+        dev = self.device(dev_id)
         self._own(dev_id)
         root = self.roots[dev_id]
         new_root, old = self.mapping_tree.insert(root, vblock, fmt.pack_mapping(data_block, self.time))
@@ -324,6 +326,7 @@ class ThinMetadata:
     def remove(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
         """Unmap ``vblock``; its data block loses a reference. Returns the old mapping or None."""
         self._writable()
+        self.device(dev_id)
         self._own(dev_id)
         root = self.roots[dev_id]
         new_root, old = self.mapping_tree.remove(root, vblock)
