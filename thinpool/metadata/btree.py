@@ -19,8 +19,8 @@ Algorithms, all top-down with a shadow spine like the kernel's:
 
 * insert: a full node on the path is split before it is entered (a full root is split beneath
   itself, so the root block never moves because of a split); O(depth) node copies at most.
-* remove: before entering child ``i`` it is rebalanced with its siblings so it holds more than
-  the minimum; two siblings merge when they fit in one node with room to spare, three become two
+* remove: before entering a child that holds only the minimum it is rebalanced with its
+  siblings so it holds more than the minimum; two siblings merge when they fit in one node with room to spare, three become two
   when they fit, otherwise entries are spread evenly. A root with a single child absorbs it.
 * delete: depth first; a node shared with another tree is only decremented.
 
@@ -287,8 +287,12 @@ class BTree:
             if n.nr == 1:
                 self._absorb_child(n)
                 continue
-            self._rebalance(n, n.lower(key))
             i = n.lower(key)
+            probe = self.node(int(n.values[i]))
+            if probe.nr <= probe.max // 3:
+                # Only a child at the minimum could fall under it: rebalance that one first.
+                self._rebalance(n, i)
+                i = n.lower(key)
             child = self._shadow(int(n.values[i]))
             n.values[i] = child.block
             path.append((n, i))
