@@ -125,6 +125,7 @@ def _space_map(kind: str, nr: int, committed: np.ndarray, current: np.ndarray) -
     sm = DataSpaceMap(nr) if kind == "data" else MetadataSpaceMap(nr)
     sm.counts[:] = current
     sm.committed[:] = committed
+    sm.recount()
     return sm
 
 

@@ -11,7 +11,8 @@ Guarantees:
 * :meth:`SpaceMap.alloc` / :meth:`SpaceMap.alloc_run` only return blocks that are free both now
   and at the last commit: a block freed in this transaction is never reused before the commit
   (the kernel's rule; it keeps the committed trees and the committed data intact).
-* :meth:`commit` writes only what changed (the set ``counts != committed``, found with numpy):
+* :meth:`commit` writes only what changed (``counts != committed``, compared with numpy inside the
+  bitmaps touched since the last commit, so its cost follows the change, not the device size):
   changed bitmaps are shadowed and rewritten, overflow entries inserted or removed, index entries
   updated. The metadata space map allocates its own blocks from itself; its commit runs to a fixed
   point so the counts it writes include the blocks it used to write them.
@@ -69,6 +70,8 @@ class SpaceMap:
         self.bitmap_blocks: list[int] = [0] * self.nr_bitmaps
         self.ref_count_root = 0
         self.force_dirty: set[int] = set()   # bitmaps whose summary changed without a count change
+        self.touched: set[int] = set()       # bitmaps with a count changed since the last commit
+        self._allocated_at_commit = 0
 
     @property
     def nr_blocks(self) -> int:
@@ -82,35 +85,66 @@ class SpaceMap:
     def get(self, b: int) -> int:
         return int(self.counts[b])
 
+    def _touch_many(self, idx: np.ndarray) -> None:
+        if len(idx) < 64:
+            self.touched.update(i // E for i in idx.tolist())
+        else:
+            self.touched.update(np.unique(idx // E).tolist())
+
     def inc(self, b: int, n: int = 1) -> None:
         self.counts[b] += n
+        self.touched.add(b // E)
 
     def dec(self, b: int) -> int:
         c = int(self.counts[b])
         if c == 0:
             raise MetadataError(f"{self.kind} space map: reference count of block {b} would drop below 0")
         self.counts[b] = c - 1
+        self.touched.add(b // E)
         return c - 1
 
     def inc_many(self, blocks: np.ndarray) -> None:
-        np.add.at(self.counts, blocks.astype(np.int64), 1)
+        idx = blocks.astype(np.int64)
+        np.add.at(self.counts, idx, 1)
+        self._touch_many(idx)
 
     def dec_many(self, blocks: np.ndarray) -> None:
         idx = blocks.astype(np.int64)
         np.subtract.at(self.counts, idx, 1)
+        self._touch_many(idx)
         # uint32 wraps on underflow: a wrapped count is a bug in the caller, never valid.
         if len(idx) and int(self.counts[idx].max()) > 0x7FFFFFFF:
             raise MetadataError(f"{self.kind} space map: a reference count dropped below 0")
 
+    def recount(self) -> None:
+        """Re-derive the change tracking after ``counts``/``committed`` were assigned wholesale."""
+        self._allocated_at_commit = int(np.count_nonzero(self.committed))
+        self.touched = set(range(self.nr_bitmaps))
+        self._queue = []
+
+    def _segments(self):
+        for i in sorted(self.touched):
+            yield i, self.counts[i * E: (i + 1) * E], self.committed[i * E: (i + 1) * E]
+
+    def changed_blocks(self) -> np.ndarray:
+        """Blocks whose count differs from the last commit (only touched bitmaps are compared)."""
+        parts = [np.flatnonzero(c != k) + i * E for i, c, k in self._segments()]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def has_changes(self) -> bool:
+        return any(bool((c != k).any()) for _, c, k in self._segments()) or bool(self.force_dirty)
+
     def nr_allocated(self) -> int:
-        return int(np.count_nonzero(self.counts))
+        delta = sum(int(np.count_nonzero(c)) - int(np.count_nonzero(k)) for _, c, k in self._segments())
+        return self._allocated_at_commit + delta
 
     def nr_free(self) -> int:
         return self.nr_blocks - self.nr_allocated()
 
     def nr_allocatable(self) -> int:
         """Blocks free now and at the last commit (what alloc can hand out before commit)."""
-        return int(np.count_nonzero((self.counts == 0) & (self.committed == 0)))
+        freed = sum(int(np.count_nonzero((c == 0) & (k > 0))) for _, c, k in self._segments())
+        return self.nr_blocks - self.nr_allocated() - freed
 
     # -- allocation --------------------------------------------------------------------------
     def _free_chunks(self, start: int, chunk: int):
@@ -138,6 +172,7 @@ class SpaceMap:
                 b = q.pop()
                 if self.counts[b] == 0:
                     self.counts[b] = 1
+                    self.touched.add(b // E)
                     self._cursor = b + 1
                     return b
             for free in self._free_chunks(self._cursor, E):
@@ -164,6 +199,7 @@ class SpaceMap:
             raise self._no_space(f": {count} needed, {got} available")
         blocks = np.concatenate(parts).astype(np.int64)
         self.counts[blocks] = 1
+        self._touch_many(blocks)
         self._cursor = int(blocks[-1]) + 1
         self._queue = []
         return blocks
@@ -215,6 +251,8 @@ class SpaceMap:
             raise MetadataError(f"{self.kind} space map: block {b} has bitmap value 3 "
                                 f"but no count of 3 or more in the ref-count tree")
         self.committed = self.counts.copy()
+        self.touched.clear()
+        self._allocated_at_commit = int(np.count_nonzero(self.counts))
 
     def _update_overflow(self, tm: TransactionManager, changed: np.ndarray, applied: dict[int, int]) -> bool:
         """Make the ref-count tree match ``counts`` for the changed blocks; True if it changed."""
@@ -238,12 +276,16 @@ class SpaceMap:
         return did
 
     def mark_committed(self) -> None:
-        self.committed = self.counts.copy()
+        self._allocated_at_commit = self.nr_allocated()
+        for i, c, k in self._segments():
+            k[:] = c
+        self.touched.clear()
         self._queue = []
         self.force_dirty.clear()
 
     def freed_since_commit(self) -> np.ndarray:
-        return np.flatnonzero((self.committed > 0) & (self.counts == 0))
+        parts = [np.flatnonzero((k > 0) & (c == 0)) + i * E for i, c, k in self._segments()]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def root(self, bitmap_root: int) -> fmt.SpaceMapRoot:
         return fmt.SpaceMapRoot(self.nr_blocks, self.nr_allocated(), bitmap_root, self.ref_count_root)
@@ -281,7 +323,7 @@ class DataSpaceMap(SpaceMap):
         self.ref_count_root = BTree(tm, REF_COUNT_VT).empty()
 
     def commit(self, tm: TransactionManager) -> fmt.SpaceMapRoot:
-        changed = np.flatnonzero(self.counts != self.committed)
+        changed = self.changed_blocks()
         self._update_overflow(tm, changed, {})
         dirty = set(np.unique(changed // E).tolist()) | self.force_dirty
         dirty.update(i for i, b in enumerate(self.bitmap_blocks) if b == 0)
@@ -331,7 +373,7 @@ class MetadataSpaceMap(SpaceMap):
         index_buf = None
         while True:
             progress = False
-            changed = np.flatnonzero(self.counts != self.committed)
+            changed = self.changed_blocks()
             if self._update_overflow(tm, changed, applied):
                 progress = True
             want = set(np.unique(changed // E).tolist()) | self.force_dirty

@@ -76,7 +76,7 @@ class ThinMetadata:
                                       f"({bm.nr_blocks} blocks of 4 KiB; at least 16 needed)")
             self = cls(bm)
             self.metadata_sm = MetadataSpaceMap(bm.nr_blocks)
-            self.metadata_sm.counts[0] = 1          # the superblock
+            self.metadata_sm.inc(0)                 # the superblock
             self.tm = TransactionManager(bm, self.metadata_sm)
             self._trees()
             self.metadata_sm.create_on_disk(self.tm)
@@ -206,7 +206,7 @@ class ThinMetadata:
                     or self.trans_id != self.sb.trans_id or self.time != self.sb.time
                     or self.data_sm.nr_blocks != self.sb.data_sm.nr_blocks
                     or self.metadata_sm.nr_blocks != self.sb.metadata_sm.nr_blocks
-                    or np.any(self.data_sm.counts != self.data_sm.committed))
+                    or self.data_sm.has_changes() or self.metadata_sm.has_changes())
 
     def _writable(self) -> None:
         if self.read_only:
