@@ -179,6 +179,20 @@ def test_out_of_data_space_then_resize(tmp_path):
             p.resize(data_size=8 * BS)
 
 
+@requires_tools
+def test_resize_alone_is_durable(tmp_path):
+    # Growing is the only change in the transaction: it must still be committed.
+    with Pool.create(tmp_path / "p", data_size=8 * BS) as p:
+        pass
+    with Pool.open(tmp_path / "p") as p:
+        p.resize(data_size=32 * BS, metadata_size=4 * MiB)
+    with Pool.open(tmp_path / "p") as p:
+        st = p.stat()
+        assert (st.data_blocks_total, st.metadata_blocks_total) == (32, 4 * MiB // 4096)
+    r = thin_check(tmp_path / "p" / "metadata")
+    assert r.returncode == 0, r.stderr
+
+
 def test_volume_may_exceed_pool(pool):
     v = pool.create_thin("huge", 1 << 50)
     v.write((1 << 50) - 10, b"end of it!")
@@ -215,6 +229,16 @@ def test_duplicate_and_unknown_names(pool):
         pool.snapshot("nope", "b")
     with pytest.raises(NotFound):
         pool.delete("nope")
+
+
+def test_deleting_an_origin_clears_it_durably(tmp_path):
+    with Pool.create(tmp_path / "p", data_size=4 * MiB) as p:
+        p.create_thin("a", MiB)
+        p.snapshot("a", "b")
+        p.delete("a")
+        assert p.stat().volumes[0].origin is None
+    with Pool.open(tmp_path / "p") as p:
+        assert [(v.name, v.origin) for v in p.stat().volumes] == [("b", None)]
 
 
 def test_interrupted_create_rolls_forward_or_back(tmp_path):

@@ -122,6 +122,9 @@ class Registry:
             self.volumes[p["name"]].size = p["size"]
         elif p["op"] == "delete":
             self.volumes.pop(p["name"], None)
+            for e in self.volumes.values():      # its snapshots outlive it, without an origin
+                if e.origin == p["name"]:
+                    e.origin = None
         self.transaction_id = p["transaction_id"]
 
     def reconcile(self, transaction_id: int, device_ids: list[int], size_of) -> list[str]:

@@ -1,0 +1,309 @@
+"""Data in and out of volumes: write, read, import, export.
+
+* ``write`` takes stdin, ``read`` gives stdout; both move 4 MiB chunks aligned to the volume's
+  blocks. ``write`` checks the whole input fits before it changes anything (the input is spooled,
+  in memory up to 32 MiB, then in a temporary file), so writing past the end changes nothing.
+* ``import FILE`` is sparse-aware: holes are skipped with ``SEEK_DATA``/``SEEK_HOLE``, the rest is
+  read in block-size pieces and all-zero blocks are not written (blocks the volume had mapped
+  there are discarded, so the volume reads back exactly the file). The volume must be at least as
+  large as the file.
+* ``export FILE`` makes FILE the volume's size and writes only the non-zero 4 KiB pages of mapped
+  blocks, so FILE keeps the volume's holes.
+
+Both show a progress bar on stderr when it is a terminal. Readers take the pool's shared lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from thinpool.errors import InvalidArgument, OutOfRange
+from thinpool.units import format_size
+
+from . import output
+from .app import SIZE, VOLUME, Session, Target, cli, get_volume, pass_session
+
+CHUNK = 4 << 20            # bytes per read/write; a multiple of every block size up to 4 MiB
+PAGE = 4096                # export's hole granularity (the usual file system block)
+SPOOL_IN_MEMORY = 32 << 20
+
+
+def _chunk_for(bs: int) -> int:
+    return max(CHUNK // bs, 1) * bs
+
+
+# -- write -----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@click.option("--offset", type=SIZE, default=0, show_default=True,
+              help="Byte offset in the volume to write at.")
+@pass_session
+def write(session: Session, target: Target, offset: int) -> None:
+    """Write stdin into a volume at --offset.
+
+    \b
+      echo hello | thinpool write demo/vol0
+      thinpool write demo/vol0 --offset 1M < file
+    """
+    if sys.stdin.isatty():
+        raise InvalidArgument("stdin is a terminal; pipe the data in, e.g. "
+                              f"'thinpool write {target} < FILE'")
+    with session.pool(target.pool, write=True) as pool:
+        vol = get_volume(pool, target)
+        if offset > vol.size:
+            raise OutOfRange(f"offset {offset} is past the end of volume {target} "
+                             f"({vol.size} bytes)")
+        room = vol.size - offset
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+            total = _spool_stdin(spool, room, target, offset, vol.size)
+            spool.seek(0)
+            chunk = _chunk_for(pool.block_size)
+            pos = offset
+            while pos < offset + total:
+                n = min(chunk - pos % chunk, offset + total - pos)
+                vol.write(pos, spool.read(n))
+                pos += n
+    output.echo(f"wrote {total} bytes ({format_size(total)}) to {target} at offset {offset}")
+
+
+def _spool_stdin(spool, room: int, target: Target, offset: int, size: int) -> int:
+    stdin = sys.stdin.buffer
+    total = 0
+    while True:
+        buf = stdin.read(1 << 20)
+        if not buf:
+            return total
+        total += len(buf)
+        if total > room:
+            raise OutOfRange(f"the input reaches past the end of volume {target} ({size} bytes): "
+                             f"only {room} bytes fit from offset {offset}; nothing was written "
+                             f"(grow it with 'thinpool resize {target} --size SIZE')")
+        spool.write(buf)
+
+
+# -- read ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@click.option("--offset", type=SIZE, default=0, show_default=True,
+              help="Byte offset in the volume to read from.")
+@click.option("--length", type=SIZE, help="Bytes to read [default: to the end of the volume].")
+@pass_session
+def read(session: Session, target: Target, offset: int, length: int | None) -> None:
+    """Copy a volume (or a range of it) to stdout.
+
+    \b
+      thinpool read demo/vol0 --length 20
+      thinpool read demo/vol0 > vol0.img
+    """
+    with session.pool(target.pool) as pool:
+        vol = get_volume(pool, target)
+        if offset > vol.size:
+            raise OutOfRange(f"offset {offset} is past the end of volume {target} "
+                             f"({vol.size} bytes)")
+        if length is None:
+            length = vol.size - offset
+        elif offset + length > vol.size:
+            raise OutOfRange(f"reading {length} bytes at offset {offset} reaches past the end of "
+                             f"volume {target} ({vol.size} bytes)")
+        chunk = _chunk_for(pool.block_size)
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(chunk - pos % chunk, end - pos)
+            output.write_data(vol.read(pos, n))
+            pos += n
+    output.flush()
+
+
+# -- import ----------------------------------------------------------------------------------
+@cli.command(name="import")
+@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_session
+def import_(session: Session, target: Target, file: Path) -> None:
+    """Copy FILE into a volume, skipping holes and all-zero blocks.
+
+    The volume must exist and be at least as large as FILE; afterwards its first len(FILE)
+    bytes equal FILE.
+
+    \b
+      thinpool import demo/vol0 disk.img
+    """
+    fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = _source_size(fd, file)
+        with session.pool(target.pool, write=True) as pool:
+            vol = get_volume(pool, target)
+            if size > vol.size:
+                raise InvalidArgument(
+                    f"{file} is {format_size(size)} ({size} bytes), larger than volume {target} "
+                    f"({vol.size} bytes); grow it first with "
+                    f"'thinpool resize {target} --size {size}'")
+            written = _import(fd, size, vol, pool.block_size, f"import {file.name}")
+    finally:
+        os.close(fd)
+    output.echo(f"imported {file} ({format_size(size)}) into {target}: "
+                f"{format_size(written)} of data written, the rest left unmapped")
+
+
+def _source_size(fd: int, file: Path) -> int:
+    st = os.fstat(fd)
+    if stat_mod.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat_mod.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise InvalidArgument(f"{file} is neither a regular file nor a block device; "
+                          f"for a pipe use 'thinpool write'")
+
+
+def _data_extents(fd: int, size: int):
+    """(start, end) byte ranges of FILE that may hold data; holes between them read as zeros."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as e:
+            if e.errno == errno.ENXIO:           # no data after pos
+                return
+            yield pos, size                      # SEEK_DATA unsupported: all of it is data
+            return
+        if start >= size:
+            return
+        yield start, end
+        pos = end
+
+
+def _import(fd: int, size: int, vol, bs: int, label: str) -> int:
+    """Write FILE's non-zero blocks; discard blocks the volume had mapped where FILE is zero."""
+    import numpy as np
+
+    nblocks = -(-size // bs)
+    was_mapped = np.zeros(nblocks, bool)
+    for vb, _, _ in vol.mappings():
+        if vb < nblocks:
+            was_mapped[vb] = True
+    written_blocks = np.zeros(nblocks, bool)
+    chunk = _chunk_for(bs)
+    written = 0
+    with output.progress(size, label) as bar:
+        done = 0
+        for start, end in _data_extents(fd, size):
+            start = max(start - start % bs, done)             # whole blocks
+            end = min(-(-end // bs) * bs, size)
+            bar.advance(start - done)
+            pos = start
+            while pos < end:
+                n = min(chunk, end - pos)
+                buf = os.pread(fd, n, pos)
+                if len(buf) != n:
+                    raise InvalidArgument(f"the source changed size while it was read "
+                                          f"(short read at offset {pos})")
+                for a, z in _nonzero_runs(buf, bs):
+                    vol.write(pos + a, memoryview(buf)[a:z])
+                    written_blocks[(pos + a) // bs: -(-(pos + z) // bs)] = True
+                    written += z - a
+                bar.advance(n)
+                pos += n
+            done = end
+        bar.advance(size - done)
+    # Blocks that are zero in FILE but were mapped: unmap them so the volume reads zeros there.
+    stale = was_mapped & ~written_blocks
+    for a, z in _true_runs(stale):
+        vol.discard(a * bs, min(z * bs, size) - a * bs)
+    return written
+
+
+def _true_runs(flags) -> list[tuple[int, int]]:
+    """[start, end) index runs where the boolean array is True."""
+    import numpy as np
+
+    if not len(flags):
+        return []
+    edges = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def _nonzero_runs(buf: bytes, granule: int) -> list[tuple[int, int]]:
+    """[start, end) byte runs of ``buf`` made of whole ``granule`` pieces that are not all zero
+    (the last piece may be short)."""
+    import numpy as np
+
+    n = len(buf)
+    full = n // granule
+    flags = np.zeros(full + (1 if n % granule else 0), bool)
+    if full:
+        if granule % 8 == 0:
+            arr = np.frombuffer(buf, np.uint64, count=full * granule // 8).reshape(full, -1)
+        else:
+            arr = np.frombuffer(buf, np.uint8, count=full * granule).reshape(full, -1)
+        flags[:full] = arr.any(axis=1)
+    if n % granule:
+        flags[full] = any(memoryview(buf)[full * granule:])
+    return [(a * granule, min(z * granule, n)) for a, z in _true_runs(flags)]
+
+
+# -- export ----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_session
+def export(session: Session, target: Target, file: Path) -> None:
+    """Copy a volume into a sparse FILE (created or truncated).
+
+    Only mapped blocks are read and only their non-zero 4 KiB pages are written, so FILE takes
+    no more space than the data in it.
+
+    \b
+      thinpool export demo/vol0 vol0.img
+    """
+    if file.exists() and not file.is_file():
+        raise InvalidArgument(f"{file} is not a regular file; export writes a sparse file "
+                              f"(for a device, use 'thinpool read {target} > DEVICE')")
+    with session.pool(target.pool) as pool:
+        vol = get_volume(pool, target)
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            os.ftruncate(fd, vol.size)
+            written = _export(fd, vol, pool.block_size, f"export {target}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    output.echo(f"exported {target} ({format_size(vol.size)}) to {file}: "
+                f"{format_size(written)} of data written, the rest left as holes")
+
+
+def _export(fd: int, vol, bs: int, label: str) -> int:
+    size = vol.size
+    per_read = _chunk_for(bs) // bs
+    vblocks = [vb for vb, _, _ in vol.mappings() if vb * bs < size]
+    written = 0
+    with output.progress(size, label) as bar:
+        done = 0
+        i = 0
+        while i < len(vblocks):
+            j = i + 1                      # a run of consecutive mapped blocks, one read each
+            while j < len(vblocks) and vblocks[j] == vblocks[j - 1] + 1 and j - i < per_read:
+                j += 1
+            start = vblocks[i] * bs
+            end = min((vblocks[j - 1] + 1) * bs, size)
+            buf = vol.read(start, end - start)
+            for a, z in _nonzero_runs(buf, PAGE):
+                written += z - a
+                view = memoryview(buf)[a:z]
+                while view:
+                    n = os.pwrite(fd, view, start + a)
+                    view, a = view[n:], a + n
+            bar.advance(end - done)
+            done = end
+            i = j
+        bar.advance(size - done)
+    return written

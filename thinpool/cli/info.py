@@ -1,0 +1,190 @@
+"""Read-only commands: stat, list. They open pools with the shared (reader's) lock.
+
+``--json`` prints exact integers: for a pool the keys of ``Pool.stat().as_dict()`` (with
+``mode`` the pool's mode, not the read-only handle's: see :func:`pool_stat`); for a volume
+the keys of its entry in ``volumes`` plus ``pool`` and ``block_size``; with no argument a list of
+pools. The JSON is emitted before any table code runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from thinpool.errors import ThinpoolError
+from thinpool.units import format_size
+
+from . import output
+from .app import TARGET, Session, Target, cli, get_volume, pass_session
+
+META_BLOCK = 4096
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def pool_stat(pool) -> dict:
+    """``pool.stat().as_dict()`` with ``mode`` the pool's own mode.
+
+    These commands open pools read-only, and a read-only handle reports ``read_only``; the admin
+    wants the mode a writer would find: ``read_only`` only if the metadata needs a check,
+    ``out_of_data_space`` when no data block is free, else ``write``."""
+    from thinpool import PoolMode
+
+    st = pool.stat().as_dict()
+    if st["needs_check"]:
+        mode = PoolMode.READ_ONLY
+    elif st["data_blocks_free"] == 0:
+        mode = PoolMode.OUT_OF_DATA_SPACE
+    else:
+        mode = PoolMode.WRITE
+    st["mode"] = mode.label
+    return st
+
+
+def _each_pool(session: Session):
+    """(name, stat dict) of every pool that opens; a pool that does not is reported on stderr.
+
+    Returns a list and the exit code of the first failure (0 if none)."""
+    found, code = [], 0
+    for name in session.pool_names():
+        try:
+            with session.pool(name) as pool:
+                found.append(pool_stat(pool))
+        except ThinpoolError as e:
+            output.error(str(e))
+            code = code or e.exit_code
+    return found, code
+
+
+# -- stat ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="[POOL[/NAME]]", type=TARGET, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print exact numbers as JSON.")
+@pass_session
+def stat(session: Session, target: Target | None, as_json: bool) -> int:
+    """Show a pool, a volume, or every pool.
+
+    For a pool: a header and a table of its volumes; for a volume: its details.
+
+    \b
+      thinpool stat demo
+      thinpool stat demo/vol0
+      thinpool stat --json demo
+    """
+    if target is None:
+        pools, code = _each_pool(session)
+        if as_json:
+            output.emit_json(pools)
+            return code
+        if not pools and not code:
+            output.note(f"no pools in {session.home}; make one with "
+                        f"'thinpool create POOL --size SIZE'")
+        for i, st in enumerate(pools):
+            if i:
+                output.echo()
+            _show_pool(st)
+        return code
+    with session.pool(target.pool) as pool:
+        if target.volume is not None:
+            get_volume(pool, target)
+        st = pool_stat(pool)
+    if target.volume is None:
+        if as_json:
+            output.emit_json(st)
+        else:
+            _show_pool(st)
+        return 0
+    vol = next(v for v in st["volumes"] if v["name"] == target.volume)
+    if as_json:
+        output.emit_json({"pool": st["name"], "block_size": st["block_size"], **vol})
+    else:
+        _show_volume(st, vol)
+    return 0
+
+
+def _show_pool(st: dict) -> None:
+    bs = st["block_size"]
+    data_total, data_used = st["data_blocks_total"] * bs, st["data_blocks_used"] * bs
+    meta_total = st["metadata_blocks_total"] * META_BLOCK
+    meta_used = st["metadata_blocks_used"] * META_BLOCK
+    mode = st["mode"] + (" (needs check)" if st["needs_check"] else "")
+    output.fields(f"pool {st['name']}  ({st['path']})", [
+        ("block size", format_size(bs)),
+        ("data", f"{format_size(data_used)} used of {format_size(data_total)} "
+                 f"({_pct(data_used, data_total)})"),
+        ("metadata", f"{format_size(meta_used)} used of {format_size(meta_total)} "
+                     f"({_pct(meta_used, meta_total)})"),
+        ("transaction id", str(st["transaction_id"])),
+        ("mode", mode),
+    ])
+    if not st["volumes"]:
+        output.echo("  no volumes")
+        return
+    output.table(None, [("name", "left"), ("dev id", "right"), ("virtual size", "right"),
+                        ("mapped", "right"), ("mapped %", "right"), ("origin", "left")],
+                 [(v["name"], str(v["dev_id"]), format_size(v["size"]),
+                   format_size(v["mapped_bytes"]), _pct(min(v["mapped_bytes"], v["size"]), v["size"]),
+                   v["origin"] or "-") for v in st["volumes"]], indent=2)
+
+
+def _show_volume(st: dict, v: dict) -> None:
+    output.fields(f"volume {st['name']}/{v['name']}", [
+        ("device id", str(v["dev_id"])),
+        ("virtual size", f"{format_size(v['size'])} ({v['size']} bytes)"),
+        ("mapped", f"{format_size(v['mapped_bytes'])} in {v['mapped_blocks']} "
+                   f"block{'' if v['mapped_blocks'] == 1 else 's'} of {format_size(st['block_size'])} "
+                   f"({_pct(min(v['mapped_bytes'], v['size']), v['size'])})"),
+        ("origin", v["origin"] or "-"),
+        ("creation time", str(v["creation_time"])),
+        ("snapshotted time", str(v["snapshotted_time"])),
+    ])
+
+
+# -- list ------------------------------------------------------------------------------------
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print exact numbers as JSON.")
+@pass_session
+def list_(session: Session, as_json: bool) -> int:
+    """List every pool and its volumes.
+
+    \b
+      thinpool list
+      thinpool list --json
+    """
+    pools, code = _each_pool(session)
+    if as_json:
+        output.emit_json([_list_entry(st) for st in pools])
+        return code
+    if not pools:
+        if not code:
+            output.note(f"no pools in {session.home}; make one with "
+                        f"'thinpool create POOL --size SIZE'")
+        return code
+    rows = []
+    for st in pools:
+        bs = st["block_size"]
+        total, used = st["data_blocks_total"] * bs, st["data_blocks_used"] * bs
+        rows.append((st["name"], "pool", format_size(total), format_size(used),
+                     _pct(used, total), "-"))
+        for v in st["volumes"]:
+            rows.append((f"{st['name']}/{v['name']}", "snapshot" if v["origin"] else "volume",
+                         format_size(v["size"]), format_size(v["mapped_bytes"]),
+                         _pct(min(v["mapped_bytes"], v["size"]), v["size"]), v["origin"] or "-"))
+    output.table(None, [("name", "left"), ("type", "left"), ("size", "right"),
+                        ("used", "right"), ("use %", "right"), ("origin", "left")], rows)
+    return code
+
+
+def _list_entry(st: dict) -> dict:
+    bs = st["block_size"]
+    return {
+        "name": st["name"], "path": st["path"], "block_size": bs,
+        "data_size": st["data_blocks_total"] * bs, "data_used": st["data_blocks_used"] * bs,
+        "metadata_size": st["metadata_blocks_total"] * META_BLOCK,
+        "metadata_used": st["metadata_blocks_used"] * META_BLOCK,
+        "mode": st["mode"],
+        "volumes": [{"name": v["name"], "dev_id": v["dev_id"], "size": v["size"],
+                     "mapped_bytes": v["mapped_bytes"], "origin": v["origin"]}
+                    for v in st["volumes"]],
+    }

@@ -1,0 +1,135 @@
+"""The CLI's one output gateway: every byte a command prints goes through here.
+
+* Results go to **stdout**: :func:`echo` (lines), :func:`emit_json` (``--json``; exact integers,
+  snake_case keys), :func:`fields` and :func:`table` (for people), :func:`write_data` (raw bytes,
+  e.g. ``thinpool read``).
+* Diagnostics go to **stderr**: :func:`note`, :func:`warn` and :func:`error`, each one line
+  starting with ``thinpool:``.
+* Tables and progress bars use rich, imported only when one is drawn, so ``--json`` and plain
+  commands never pay for it. A command with ``--json`` emits and returns before it builds any table.
+* :func:`progress` draws a bar (bytes done, speed, time left) only when stderr is a terminal;
+  otherwise it is a silent counter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
+
+PREFIX = "thinpool"
+
+
+# -- stdout ----------------------------------------------------------------------------------
+def echo(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def emit_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def write_data(data: bytes | bytearray | memoryview) -> None:
+    sys.stdout.buffer.write(data)
+
+
+def flush() -> None:
+    sys.stdout.flush()
+
+
+def fields(title: str, pairs: Sequence[tuple[str, str]]) -> None:
+    """A title line and aligned ``key  value`` lines (no rich needed)."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    lines = [title] + [f"  {k:<{width}}  {v}" for k, v in pairs]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def table(title: str | None, columns: Sequence[tuple[str, str]],
+          rows: Iterable[Sequence[str]], indent: int = 0) -> None:
+    """A rich table on stdout. ``columns``: (header, "left" | "right"); numbers go right."""
+    from rich import box
+    from rich.padding import Padding
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False,
+              pad_edge=False, header_style="bold")
+    for header, justify in columns:
+        t.add_column(header, justify=justify, no_wrap=True)
+    for row in rows:
+        t.add_row(*row)
+    shown = Padding(t, (0, 0, 0, indent)) if indent else t
+    console = _console(sys.stdout)
+    if console.is_terminal:
+        console.print(shown)
+        return
+    with console.capture() as captured:       # for pipes and files: no padding at line ends
+        console.print(shown)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def _console(file):
+    """A rich console on ``file``; off a terminal, wide enough that no cell is cut."""
+    from rich.console import Console
+    wide = None if file.isatty() else 1000
+    return Console(file=file, width=wide, highlight=False, soft_wrap=False)
+
+
+# -- stderr ----------------------------------------------------------------------------------
+def _line(text: str) -> str:
+    return " ".join(str(text).split("\n"))
+
+
+def echo_err(text: str = "") -> None:
+    sys.stderr.write(text + "\n")
+
+
+def note(text: str) -> None:
+    sys.stderr.write(f"{PREFIX}: {_line(text)}\n")
+
+
+def warn(text: str) -> None:
+    sys.stderr.write(f"{PREFIX}: warning: {_line(text)}\n")
+
+
+def error(text: str) -> None:
+    sys.stderr.write(f"{PREFIX}: {_line(text)}\n")
+
+
+class _Counter:
+    """What :func:`progress` yields: ``advance(n)`` bytes."""
+
+    def __init__(self, bar=None, task=None):
+        self._bar, self._task = bar, task
+        self.done = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n)
+
+
+@contextmanager
+def progress(total: int, description: str) -> Iterator[_Counter]:
+    """A byte progress bar on stderr while the block runs, if stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield _Counter()
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    from thinpool.units import format_size
+
+    class SpeedColumn(ProgressColumn):            # rich's own prints decimal units
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            shown = "?" if speed is None else f"{format_size(int(speed))}/s"
+            return Text(shown, style="progress.data.speed")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  DownloadColumn(binary_units=True), SpeedColumn(),
+                  TimeRemainingColumn(), console=_console(sys.stderr),
+                  transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield _Counter(bar, task)

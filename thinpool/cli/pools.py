@@ -1,0 +1,213 @@
+"""Commands that make, grow and remove pools and volumes: create, resize, destroy.
+
+Each is a thin shell: check the arguments, open the pool through the session, call the library,
+report one line. ``create`` and ``resize`` take either ``POOL`` or ``POOL/NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+
+from thinpool.errors import AlreadyExists, InvalidArgument, MetadataError
+from thinpool.pool import CONFIG_NAME
+from thinpool.units import format_size
+
+from . import output
+from .app import (SIZE, TARGET, POOL, Session, Target, cli, confirm, get_volume, pass_session,
+                  refuse_existing_volume, warn_if_overcommitted)
+
+DEFAULT_BLOCK_SIZE = 64 * 1024
+
+
+# -- create ----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL[/NAME]", type=TARGET)
+@click.option("--size", type=SIZE, help="Data size of a pool, virtual size of a volume.")
+@click.option("--block-size", type=SIZE, help="Pool data block size: a multiple of 64K "
+              "from 64K to 1G [default: 64K].")
+@click.option("--metadata-size", type=SIZE,
+              help="Pool metadata size [default: 48 bytes per data block, at least 2M].")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Put the pool's data on this existing file or block device.")
+@click.option("--metadata", "metadata_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Put the pool's metadata on this existing file or block device.")
+@pass_session
+def create(session: Session, target: Target, size: int | None, block_size: int | None,
+           metadata_size: int | None, data_path: Path | None, metadata_path: Path | None) -> None:
+    """Make a pool (POOL) or a thin volume in it (POOL/NAME).
+
+    \b
+      thinpool create demo --size 10G                 a pool with a 10 GiB sparse data file
+      thinpool create demo --data /dev/sdb1 --metadata /dev/sdb2
+      thinpool create demo/vol0 --size 100G           a thin volume; may exceed the pool
+    """
+    if target.volume is not None:
+        extra = [name for name, value in (("--block-size", block_size),
+                                          ("--metadata-size", metadata_size),
+                                          ("--data", data_path), ("--metadata", metadata_path))
+                 if value is not None]
+        if extra:
+            raise click.UsageError(f"{', '.join(extra)} applies to pools, not to volumes")
+        if size is None:
+            raise click.UsageError("a volume needs --size")
+        _create_volume(session, target, size)
+    else:
+        _create_pool(session, target.pool, size, block_size, metadata_size, data_path,
+                     metadata_path)
+
+
+def _create_pool(session: Session, name: str, size: int | None, block_size: int | None,
+                 metadata_size: int | None, data_path: Path | None,
+                 metadata_path: Path | None) -> None:
+    from thinpool import Pool
+    from thinpool.pool import check_block_size
+
+    bs = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    try:
+        check_block_size(bs)
+    except InvalidArgument:
+        raise InvalidArgument(f"block size {format_size(bs)} ({bs} bytes) is not one the kernel "
+                              f"accepts: use a multiple of 64 KiB from 64 KiB to 1 GiB, "
+                              f"e.g. --block-size 64K") from None
+    if size is None and data_path is None:
+        raise click.UsageError("a new pool needs --size (or --data naming an existing file "
+                               "or block device)")
+    if size is not None and size < bs:
+        raise InvalidArgument(f"--size {format_size(size)} is smaller than one data block "
+                              f"({format_size(bs)}); give at least --size {format_size(bs)}")
+    for opt, p in (("--data", data_path), ("--metadata", metadata_path)):
+        if p is not None and not p.exists():
+            raise InvalidArgument(f"{opt} {p} does not exist; give an existing file or block "
+                                  f"device, or leave {opt} out for a sparse file in the pool")
+    path = session.pool_path(name)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise AlreadyExists(f"pool {name!r} exists already in {session.home}; choose another "
+                            f"name, or remove it with 'thinpool destroy {name}'")
+    with Pool.create(path, data_size=size, block_size=bs, metadata_size=metadata_size,
+                     data_path=data_path, metadata_path=metadata_path) as pool:
+        st = pool.stat()
+    output.echo(f"created pool {name} in {path}: {format_size(st.data_blocks_total * bs)} of data "
+                f"in {st.data_blocks_total} blocks of {format_size(bs)}, "
+                f"{format_size(st.metadata_blocks_total * 4096)} of metadata")
+
+
+def _create_volume(session: Session, target: Target, size: int) -> None:
+    if size == 0:
+        raise InvalidArgument("a volume needs a size above zero, e.g. --size 10G")
+    with session.pool(target.pool, write=True) as pool:
+        refuse_existing_volume(pool, target)
+        vol = pool.create_thin(target.volume, size)
+        output.echo(f"created volume {target} of {format_size(vol.size)} (device id {vol.dev_id})")
+        warn_if_overcommitted(pool)
+
+
+# -- resize ----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL[/NAME]", type=TARGET)
+@click.option("--size", type=SIZE, help="New data size of a pool (grow only) or new virtual "
+              "size of a volume.")
+@click.option("--metadata-size", type=SIZE, help="New metadata size of a pool (grow only).")
+@pass_session
+def resize(session: Session, target: Target, size: int | None, metadata_size: int | None) -> None:
+    """Grow a pool, or grow or shrink a volume.
+
+    A pool's data (--size) and metadata (--metadata-size) only grow.
+
+    \b
+      thinpool resize demo --size 20G         pools only grow
+      thinpool resize demo/vol0 --size 200G   shrinking a volume drops the data past its new end
+    """
+    if target.volume is not None:
+        if metadata_size is not None:
+            raise click.UsageError("--metadata-size applies to pools, not to volumes")
+        if size is None:
+            raise click.UsageError("give the volume's new --size")
+        if size == 0:
+            raise InvalidArgument("a volume needs a size above zero")
+        with session.pool(target.pool, write=True) as pool:
+            old = get_volume(pool, target).size
+            vol = pool.resize_volume(target.volume, size)
+            output.echo(f"resized volume {target} from {format_size(old)} to "
+                        f"{format_size(vol.size)}")
+            if size < old:
+                output.warn(f"the data of {target} past {format_size(size)} was discarded")
+            else:
+                warn_if_overcommitted(pool)
+        return
+    if size is None and metadata_size is None:
+        raise click.UsageError("give the pool's new --size (and/or --metadata-size)")
+    with session.pool(target.pool, write=True) as pool:
+        st = pool.stat()
+        bs = st.block_size
+        old_data = st.data_blocks_total * bs
+        old_meta = st.metadata_blocks_total * 4096
+        if size is not None and size // bs < st.data_blocks_total:
+            raise InvalidArgument(
+                f"pool {target.pool} cannot shrink from {format_size(old_data)} to "
+                f"{format_size(size)}: its data blocks may be in use anywhere in the data device "
+                f"(dm-thin pools only grow); make a new pool and copy the volumes instead")
+        if metadata_size is not None and -(-metadata_size // 4096) < st.metadata_blocks_total:
+            raise InvalidArgument(
+                f"the metadata of pool {target.pool} cannot shrink from {format_size(old_meta)} "
+                f"to {format_size(metadata_size)} (dm-thin metadata only grows)")
+        pool.resize(data_size=size, metadata_size=metadata_size)
+        st = pool.stat()
+    new_data = st.data_blocks_total * bs
+    new_meta = st.metadata_blocks_total * 4096
+    if new_data == old_data and new_meta == old_meta:
+        output.echo(f"pool {target.pool} already has {format_size(new_data)} of data and "
+                    f"{format_size(new_meta)} of metadata; nothing changed")
+        return
+    parts = []
+    if new_data != old_data:
+        parts.append(f"data from {format_size(old_data)} to {format_size(new_data)}")
+    if new_meta != old_meta:
+        parts.append(f"metadata from {format_size(old_meta)} to {format_size(new_meta)}")
+    output.echo(f"resized pool {target.pool}: {', '.join(parts)}")
+
+
+# -- destroy ---------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL", type=POOL)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_session
+def destroy(session: Session, target: Target, yes: bool) -> None:
+    """Remove a pool and every volume in it.
+
+    Files the pool made in its directory are deleted; a data or metadata file or device given
+    with --data/--metadata at creation is left as it is.
+
+    \b
+      thinpool destroy demo --yes
+    """
+    path = session.require_pool(target.pool)
+    kept = _given_devices(path)
+    question = f"Destroy pool {target.pool} ({path}) and every volume in it?"
+    try:
+        with session.pool(target.pool, write=True) as pool:    # the lock: nobody has it open
+            count = len(pool.volumes())
+            confirm(question, yes)
+            shutil.rmtree(path)
+    except MetadataError as e:             # a pool too broken to open can still be removed
+        output.warn(f"pool {target.pool} does not open ({e})")
+        confirm(question, yes)
+        shutil.rmtree(path)
+        count = None
+    volumes = "" if count is None else f" ({count} volume{'' if count == 1 else 's'})"
+    output.echo(f"destroyed pool {target.pool}{volumes}")
+    for p in kept:
+        output.note(f"left {p} as it was (given at creation); wipe it yourself to reuse it")
+
+
+def _given_devices(path: Path) -> list[Path]:
+    """The data and metadata files or devices outside the pool's directory (--data/--metadata)."""
+    try:
+        cfg = json.loads((path / CONFIG_NAME).read_text())
+        where = [path / cfg[key] for key in ("data", "metadata")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [p for p in where if p.resolve().parent != path.resolve()]

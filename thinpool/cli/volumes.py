@@ -1,0 +1,62 @@
+"""Commands on the volumes of a pool: snapshot, delete."""
+
+from __future__ import annotations
+
+import click
+
+from thinpool.registry import check_name
+from thinpool.errors import InvalidArgument
+from thinpool.units import format_size
+
+from . import output
+from .app import (VOLUME, Session, Target, cli, get_volume, pass_session, refuse_existing_volume,
+                  warn_if_overcommitted)
+
+
+@cli.command()
+@click.argument("origin", metavar="POOL/ORIGIN", type=VOLUME)
+@click.argument("name")
+@pass_session
+def snapshot(session: Session, origin: Target, name: str) -> None:
+    """Make POOL/NAME, a writable snapshot of POOL/ORIGIN.
+
+    A snapshot is O(1): it shares every block with its origin until one of them writes it.
+
+    \b
+      thinpool snapshot demo/vol0 snap0
+    """
+    if "/" in name:
+        pool, _, name = name.partition("/")
+        if pool != origin.pool:
+            raise InvalidArgument(f"a snapshot stays in its origin's pool {origin.pool!r}; "
+                                  f"give just the new name")
+    try:
+        check_name(name)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint="'NAME'") from None
+    target = Target(origin.pool, name)
+    with session.pool(origin.pool, write=True) as pool:
+        get_volume(pool, origin)
+        refuse_existing_volume(pool, target)
+        snap = pool.snapshot(origin.volume, name)
+        output.echo(f"created snapshot {target} of {origin} ({format_size(snap.size)}, "
+                    f"device id {snap.dev_id})")
+        warn_if_overcommitted(pool)
+
+
+@cli.command()
+@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@pass_session
+def delete(session: Session, target: Target) -> None:
+    """Delete a volume.
+
+    Its blocks that no other volume shares go back to the pool; its snapshots stay as they are.
+
+    \b
+      thinpool delete demo/snap0
+    """
+    with session.pool(target.pool, write=True) as pool:
+        vol = get_volume(pool, target)
+        mapped = vol.mapped_blocks
+        pool.delete(target.volume)
+    output.echo(f"deleted volume {target} ({mapped} mapped block{'' if mapped == 1 else 's'})")
