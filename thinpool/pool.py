@@ -244,15 +244,7 @@ class Pool:
     @classmethod
     def open(cls, path, read_only: bool = False) -> "Pool":
         path = Path(path)
-        cfg_path = path / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise NotFound(f"no pool at {path}")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-            dpath = path / cfg["data"]
-            mpath = path / cfg["metadata"]
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise MetadataError(f"pool configuration {cfg_path} is unreadable: {e}") from None
+        mpath, dpath = pool_files(path)
         self = cls()
         self.path = path
         self.name = path.name
@@ -456,6 +448,7 @@ class Pool:
     def resize(self, data_size: int | None = None, metadata_size: int | None = None) -> None:
         """Grow the data device and/or the metadata device (never shrink)."""
         self._check_writable()
+        before = (self._meta.data_sm.nr_blocks, self._meta.metadata_sm.nr_blocks)
         if data_size is not None:
             _int_arg("data size", data_size)
             nr = data_size // self.block_size
@@ -474,22 +467,41 @@ class Pool:
             if blocks > self._meta.bm.nr_blocks:
                 self._meta.bm.grow(blocks)
             self._meta.resize_metadata()
-        self.commit()
+        # A grown space map alone is not among the metadata's "changes": commit regardless.
+        grew = (self._meta.data_sm.nr_blocks, self._meta.metadata_sm.nr_blocks) != before
+        self._commit(force=grew)
 
     # -- transactions ------------------------------------------------------------------------
     def commit(self) -> None:
         """Make every write so far durable: data fsync, then metadata, superblock last."""
+        self._commit(force=False)
+
+    def _commit(self, force: bool) -> None:
         self._check_open()
         if self.read_only:
             raise ReadOnlyError(f"pool {self.name} is open read-only")
-        if not self._meta.has_changes():
-            return
+        # Data first, always: writes into exclusive blocks change no metadata but must still be
+        # durable once commit (or Volume.flush) returns.
         if self._data is not None:
             self._data.sync()
+        if not force and not self._meta.has_changes():
+            return
         freed = self._meta.commit()
         if self._data is not None and len(freed):
             for start, n in _block_runs(freed):
                 self._data.punch_blocks(start, n)
+
+    def reserve_metadata_snap(self) -> int:
+        """Commit and hold a metadata snapshot (the kernel's ``reserve_metadata_snap``): its trees
+        stay intact for readers (``dump -m``) while the pool goes on. Returns its block."""
+        self._check_writable()
+        if self._data is not None:
+            self._data.sync()
+        return self._meta.reserve_metadata_snap()
+
+    def release_metadata_snap(self) -> None:
+        self._check_writable()
+        self._meta.release_metadata_snap()
 
     def _allocate(self, count: int, hint: int | None) -> np.ndarray:
         return self._alloc.allocate(count, hint)
@@ -527,6 +539,19 @@ class Pool:
         """The open metadata, for tools (read it; change it only through the pool)."""
         self._check_open()
         return self._meta
+
+
+def pool_files(path) -> tuple[Path, Path]:
+    """(metadata path, data path) of the pool in directory ``path``, from its pool.json."""
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise NotFound(f"no pool at {path}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        return path / cfg["metadata"], path / cfg["data"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise MetadataError(f"pool configuration {cfg_path} is unreadable: {e}") from None
 
 
 def _block_runs(blocks: np.ndarray):
