@@ -25,7 +25,7 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ("pools", "volumes", "info", "data")
+COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools")
 
 _loaded = False
 

@@ -39,7 +39,21 @@ def pool_stat(pool) -> dict:
     else:
         mode = PoolMode.WRITE
     st["mode"] = mode.label
+    _add_sharing(pool, st)
     return st
+
+
+def _add_sharing(pool, st: dict) -> None:
+    """Exclusive and shared blocks per volume (as thin_ls counts them): one walk of the trees."""
+    from thinpool.metadata.walker import MetadataReader
+    from thinpool.snapshot.accounting import device_usage
+
+    with MetadataReader(pool.metadata.bm.path) as reader:
+        usage = {u.dev_id: u for u in device_usage(reader)}
+    for v in st["volumes"]:
+        u = usage.get(v["dev_id"])
+        v["exclusive_blocks"] = u.exclusive_blocks if u else 0
+        v["shared_blocks"] = u.shared_blocks if u else 0
 
 
 def _each_pool(session: Session):
@@ -122,9 +136,11 @@ def _show_pool(st: dict) -> None:
         output.echo("  no volumes")
         return
     output.table(None, [("name", "left"), ("dev id", "right"), ("virtual size", "right"),
-                        ("mapped", "right"), ("mapped %", "right"), ("origin", "left")],
+                        ("mapped", "right"), ("mapped %", "right"), ("exclusive", "right"),
+                        ("shared", "right"), ("origin", "left")],
                  [(v["name"], str(v["dev_id"]), format_size(v["size"]),
                    format_size(v["mapped_bytes"]), _pct(min(v["mapped_bytes"], v["size"]), v["size"]),
+                   format_size(v["exclusive_blocks"] * bs), format_size(v["shared_blocks"] * bs),
                    v["origin"] or "-") for v in st["volumes"]], indent=2)
 
 
@@ -135,6 +151,10 @@ def _show_volume(st: dict, v: dict) -> None:
         ("mapped", f"{format_size(v['mapped_bytes'])} in {v['mapped_blocks']} "
                    f"block{'' if v['mapped_blocks'] == 1 else 's'} of {format_size(st['block_size'])} "
                    f"({_pct(min(v['mapped_bytes'], v['size']), v['size'])})"),
+        ("exclusive", f"{format_size(v['exclusive_blocks'] * st['block_size'])} "
+                      f"({v['exclusive_blocks']} blocks mapped by no other volume)"),
+        ("shared", f"{format_size(v['shared_blocks'] * st['block_size'])} "
+                   f"({v['shared_blocks']} blocks shared with other volumes)"),
         ("origin", v["origin"] or "-"),
         ("creation time", str(v["creation_time"])),
         ("snapshotted time", str(v["snapshotted_time"])),
