@@ -152,7 +152,7 @@ def test_delete_frees_blocks_and_punches_holes(tmp_path):
 
 # -- space -----------------------------------------------------------------------------------
 def test_out_of_data_space_then_resize(tmp_path):
-    with Pool.create(tmp_path / "p", data_size=8 * BS) as p:
+    with Pool.create(tmp_path / "p", data_size=8 * BS, error_if_no_space=True) as p:
         a = p.create_thin("a", 64 * BS)
         b = p.create_thin("b", 64 * BS)
         a.write(0, b"a" * (6 * BS))
@@ -321,7 +321,7 @@ def test_read_only_pool_refuses_writes(tmp_path):
             p.volume("v").write(0, b"x")
         with pytest.raises(ReadOnlyError):
             p.create_thin("w", MiB)
-        assert p.stat().mode == "read_only"
+        assert p.read_only and p.stat().mode == "write"     # the pool is fine; this handle reads
     assert sha(d / "metadata") == before
 
 

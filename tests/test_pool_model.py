@@ -112,7 +112,8 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="tp-model-"))
         self.dir = self.tmp / "pool"
-        self.pool = Pool.create(self.dir, data_size=self.data_blocks * BS, block_size=BS)
+        self.pool = Pool.create(self.dir, data_size=self.data_blocks * BS, block_size=BS,
+                                error_if_no_space=True)
         self.model = Model()
         self.counter = 0
 

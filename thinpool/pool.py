@@ -31,15 +31,20 @@ import fcntl
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
-from .errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NotFound,
-                     ReadOnlyError, ThinpoolError)
+from .errors import (AlreadyExists, BusyError, IncompatibleMetadata, InvalidArgument,
+                     MetadataError, NoDataSpace, NoMetadataSpace, NotFound, ReadOnlyError,
+                     ThinpoolError)
 from .metadata import format as fmt
 from .metadata.block import SUPERBLOCK_VALIDATOR, create_metadata_file
 from .metadata.thin_metadata import ThinMetadata, check_data_block_size
@@ -64,6 +69,30 @@ class PoolMode(enum.IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+@dataclass
+class PoolOptions:
+    """Behaviour settings kept in pool.json (dm-thin's pool table arguments and dmeventd's
+    low-water handling)."""
+
+    error_if_no_space: bool = False     # fail a write at once when no data block is free
+    no_space_timeout: float = 60.0      # otherwise wait this long for space (seconds; 0 = fail)
+    low_water_blocks: int = 0           # run the hook once when free data blocks fall below
+    low_water_hook: str | None = None   # a shell command; gets THINPOOL_POOL, THINPOOL_FREE_BLOCKS
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PoolOptions":
+        d = d or {}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check(self) -> "PoolOptions":
+        if not isinstance(self.no_space_timeout, (int, float)) or self.no_space_timeout < 0:
+            raise InvalidArgument(f"no-space timeout {self.no_space_timeout!r} must be 0 or more seconds")
+        if not isinstance(self.low_water_blocks, int) or self.low_water_blocks < 0:
+            raise InvalidArgument(f"low-water mark {self.low_water_blocks!r} must be 0 or more blocks")
+        return self
 
 
 @dataclass
@@ -96,6 +125,9 @@ class PoolStat:
     mode: str
     needs_check: bool
     volumes: list[VolumeStat] = field(default_factory=list)
+    error_if_no_space: bool = False
+    no_space_timeout: float = 60.0
+    low_water_blocks: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -170,13 +202,27 @@ class Pool:
         self._lock: _Lock | None = None
         self._volumes: dict[str, Volume] = {}
         self.notes: list[str] = []
+        self.options = PoolOptions()
+        self._failed: str | None = None          # why the pool is in FAIL mode
+        self._mutex = threading.RLock()          # one operation at a time; waits release it
+        self._space = threading.Condition(self._mutex)
+        self._low_water_fired = False
+        self._depth = 0                          # nesting of _guard
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
     def create(cls, path, data_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-               metadata_size: int | None = None, data_path=None, metadata_path=None) -> "Pool":
-        """Make a new pool in directory ``path`` and return it open for writing."""
+               metadata_size: int | None = None, data_path=None, metadata_path=None,
+               **options) -> "Pool":
+        """Make a new pool in directory ``path`` and return it open for writing.
+
+        ``options`` are :class:`PoolOptions` fields (``error_if_no_space``, ``no_space_timeout``,
+        ``low_water_blocks``, ``low_water_hook``)."""
         check_block_size(block_size)
+        try:
+            opts = PoolOptions(**options).check()
+        except TypeError as e:
+            raise InvalidArgument(str(e)) from None
         if data_size is not None:
             _int_arg("data size", data_size)
         if metadata_size is not None:
@@ -225,7 +271,8 @@ class Pool:
                 create_metadata_file(mpath, msize)
                 made.append(mpath)
             ThinMetadata.format(mpath, block_size // fmt.SECTOR_SIZE, nr_data_blocks).close()
-            config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path)}
+            config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path),
+                      "options": asdict(opts)}
             _write_json(path / CONFIG_NAME, config)
             made.append(path / CONFIG_NAME)
             Registry(str(path / NAMES_NAME)).save()
@@ -248,8 +295,27 @@ class Pool:
         self = cls()
         self.path = path
         self.name = path.name
+        self.options = PoolOptions.from_dict(_read_config(path).get("options"))
         self._open(str(mpath), str(dpath), str(path / NAMES_NAME), read_only)
         return self
+
+    def configure(self, **changes) -> PoolOptions:
+        """Change and save pool options (see :class:`PoolOptions`)."""
+        self._check_open()
+        if self.read_only or self.path is None:
+            raise ReadOnlyError("options can only be changed on a pool opened for writing")
+        try:
+            opts = PoolOptions(**{**asdict(self.options), **changes}).check()
+        except TypeError as e:
+            raise InvalidArgument(str(e)) from None
+        cfg = _read_config(self.path)
+        cfg["options"] = asdict(opts)
+        _write_json(self.path / CONFIG_NAME, cfg)
+        with self._space:
+            self.options = opts
+            self._low_water_fired = False
+            self._space.notify_all()
+        return opts
 
     @classmethod
     def open_files(cls, metadata_path, data_path=None, read_only: bool = True) -> "Pool":
@@ -328,12 +394,18 @@ class Pool:
         if self._meta is None:
             raise ThinpoolError("the pool is closed")
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, allow_needs_check: bool = False) -> None:
         self._check_open()
+        if self._failed:
+            raise ThinpoolError(f"pool {self.name} has failed ({self._failed}); close it and run "
+                                f"'thinpool check {self.name}'")
         if self.read_only:
             raise ReadOnlyError(f"pool {self.name} is open read-only")
-        if self._meta.needs_check:
-            raise ReadOnlyError(f"pool {self.name} needs a check: run 'thinpool check' and 'thinpool repair'")
+        if self._meta.needs_check and not allow_needs_check:
+            raise ReadOnlyError(
+                f"pool {self.name} is read-only until it is checked (metadata damage was found, or "
+                f"it ran out of metadata space): run 'thinpool check {self.name}', and "
+                f"'thinpool repair' if that finds problems")
         if self._data is None:
             raise ReadOnlyError(f"pool {self.name} was opened without its data device")
 
@@ -347,12 +419,56 @@ class Pool:
     # -- volumes -----------------------------------------------------------------------------
     @property
     def mode(self) -> PoolMode:
+        """The pool's condition (not this handle's: see ``read_only`` for that)."""
         self._check_open()
-        if self.read_only or self._meta.needs_check:
+        if self._failed:
+            return PoolMode.FAIL
+        if self._meta.needs_check:
             return PoolMode.READ_ONLY
         if self._alloc.available() == 0:
             return PoolMode.OUT_OF_DATA_SPACE
         return PoolMode.WRITE
+
+    # -- degradation -------------------------------------------------------------------------
+    @contextmanager
+    def _guard(self):
+        """Run one operation under the pool's mutex; turn metadata trouble into a degraded mode.
+
+        Out of metadata space: the transaction is rolled back and the pool goes read-only with
+        NEEDS_CHECK set. Damaged metadata found while working: NEEDS_CHECK is set and the pool
+        refuses writes. If even that fails, the pool is in FAIL mode."""
+        with self._mutex:
+            self._depth += 1
+            try:
+                yield
+            except NoMetadataSpace as e:
+                if self._depth > 1 or self._meta is None or self.read_only:
+                    raise
+                self._mark_needs_check()
+                raise NoMetadataSpace(
+                    f"pool {self.name} ran out of metadata space ({e}); the transaction was rolled "
+                    f"back and the pool is read-only: grow it with 'thinpool resize {self.name} "
+                    f"--metadata-size SIZE', then run 'thinpool check {self.name}'") from None
+            except IncompatibleMetadata:
+                raise
+            except MetadataError:
+                if self._depth == 1 and self._meta is not None and not self.read_only:
+                    self._mark_needs_check()
+                raise
+            finally:
+                self._depth -= 1
+
+    def _mark_needs_check(self) -> None:
+        try:
+            self._meta.set_needs_check(True)
+        except BaseException as e:  # noqa: BLE001 - the pool cannot even record its trouble
+            self._failed = f"cannot record the need for a check: {e}"
+
+    def clear_needs_check(self) -> None:
+        """Clear NEEDS_CHECK (after a clean check); the pool takes writes again."""
+        with self._guard():
+            self._check_writable(allow_needs_check=True)
+            self._meta.set_needs_check(False)
 
     def volumes(self) -> list[str]:
         self._check_open()
@@ -377,6 +493,10 @@ class Pool:
         return dev
 
     def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None) -> None:
+        with self._guard():
+            self._device_change_locked(op, name, dev_id, size, action, origin)
+
+    def _device_change_locked(self, op, name, dev_id, size, action, origin) -> None:
         trans = self._meta.trans_id + 1
         self._registry.begin(op, name, dev_id, size, trans, origin)
         try:
@@ -446,8 +566,16 @@ class Pool:
 
     # -- pool size ---------------------------------------------------------------------------
     def resize(self, data_size: int | None = None, metadata_size: int | None = None) -> None:
-        """Grow the data device and/or the metadata device (never shrink)."""
-        self._check_writable()
+        """Grow the data device and/or the metadata device (never shrink).
+
+        Growing the metadata works on a pool that ran out of metadata space (NEEDS_CHECK set);
+        a check then clears the flag."""
+        with self._guard():
+            self._resize(data_size, metadata_size)
+            self._space.notify_all()
+
+    def _resize(self, data_size: int | None, metadata_size: int | None) -> None:
+        self._check_writable(allow_needs_check=data_size is None)
         before = (self._meta.data_sm.nr_blocks, self._meta.metadata_sm.nr_blocks)
         if data_size is not None:
             _int_arg("data size", data_size)
@@ -474,7 +602,9 @@ class Pool:
     # -- transactions ------------------------------------------------------------------------
     def commit(self) -> None:
         """Make every write so far durable: data fsync, then metadata, superblock last."""
-        self._commit(force=False)
+        with self._guard():
+            self._commit(force=False)
+            self._space.notify_all()      # blocks freed by this transaction can be reused now
 
     def _commit(self, force: bool) -> None:
         self._check_open()
@@ -494,17 +624,64 @@ class Pool:
     def reserve_metadata_snap(self) -> int:
         """Commit and hold a metadata snapshot (the kernel's ``reserve_metadata_snap``): its trees
         stay intact for readers (``dump -m``) while the pool goes on. Returns its block."""
-        self._check_writable()
-        if self._data is not None:
-            self._data.sync()
-        return self._meta.reserve_metadata_snap()
+        with self._guard():
+            self._check_writable()
+            if self._data is not None:
+                self._data.sync()
+            return self._meta.reserve_metadata_snap()
 
     def release_metadata_snap(self) -> None:
-        self._check_writable()
-        self._meta.release_metadata_snap()
+        with self._guard():
+            self._check_writable()
+            self._meta.release_metadata_snap()
 
-    def _allocate(self, count: int, hint: int | None) -> np.ndarray:
-        return self._alloc.allocate(count, hint)
+    def _allocate(self, count: int, hint: int | None) -> np.ndarray | None:
+        """``count`` new data blocks, or None when the caller must start over because it
+        waited for space (other threads may have changed the pool meanwhile).
+
+        With no free block: fail at once under ``error_if_no_space`` (or a zero timeout);
+        otherwise wait up to ``no_space_timeout`` seconds for a resize, a commit that frees
+        blocks, or an option change, like dm-thin's queued I/O."""
+        try:
+            blocks = self._alloc.allocate(count, hint)
+        except NoDataSpace as e:
+            opts = self.options
+            if opts.error_if_no_space or opts.no_space_timeout <= 0:
+                raise
+            deadline = time.monotonic() + opts.no_space_timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoDataSpace(f"{e}; waited {opts.no_space_timeout:g} s for space: grow the "
+                                      f"pool with 'thinpool resize {self.name} --size SIZE'") from None
+                self._space.wait(min(left, 0.5))
+                if self._alloc.available() >= count:
+                    return None
+        self._check_low_water()
+        return blocks
+
+    def _check_low_water(self) -> None:
+        mark = self.options.low_water_blocks
+        if not mark:
+            return
+        free = self._alloc.available()
+        if free >= mark:
+            self._low_water_fired = False
+            return
+        if self._low_water_fired:
+            return
+        self._low_water_fired = True
+        hook = self.options.low_water_hook
+        self.notes.append(f"free data blocks ({free}) fell below the low-water mark ({mark})")
+        if hook:
+            env = {**os.environ, "THINPOOL_POOL": str(self.path or self.name),
+                   "THINPOOL_FREE_BLOCKS": str(free), "THINPOOL_LOW_WATER_BLOCKS": str(mark)}
+            try:
+                subprocess.Popen(hook, shell=True, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+            except OSError as err:
+                self.notes.append(f"low-water hook failed to start: {err}")
 
     def _release(self, blocks: np.ndarray) -> None:
         self._alloc.release(blocks)
@@ -532,7 +709,10 @@ class Pool:
             metadata_blocks_total=meta.metadata_sm.nr_blocks, metadata_blocks_used=mused,
             metadata_blocks_free=meta.metadata_sm.nr_blocks - mused,
             transaction_id=meta.trans_id, time=meta.time, mode=self.mode.label,
-            needs_check=meta.needs_check, volumes=vols)
+            needs_check=meta.needs_check, volumes=vols,
+            error_if_no_space=self.options.error_if_no_space,
+            no_space_timeout=self.options.no_space_timeout,
+            low_water_blocks=self.options.low_water_blocks)
 
     @property
     def metadata(self) -> ThinMetadata:
@@ -541,17 +721,27 @@ class Pool:
         return self._meta
 
 
-def pool_files(path) -> tuple[Path, Path]:
-    """(metadata path, data path) of the pool in directory ``path``, from its pool.json."""
-    path = Path(path)
-    cfg_path = path / CONFIG_NAME
+def _read_config(path: Path) -> dict:
+    cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
         raise NotFound(f"no pool at {path}")
     try:
         cfg = json.loads(cfg_path.read_text())
-        return path / cfg["metadata"], path / cfg["data"]
-    except (ValueError, KeyError, TypeError, OSError) as e:
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+        return cfg
+    except (ValueError, OSError) as e:
         raise MetadataError(f"pool configuration {cfg_path} is unreadable: {e}") from None
+
+
+def pool_files(path) -> tuple[Path, Path]:
+    """(metadata path, data path) of the pool in directory ``path``, from its pool.json."""
+    path = Path(path)
+    cfg = _read_config(path)
+    try:
+        return path / cfg["metadata"], path / cfg["data"]
+    except (KeyError, TypeError) as e:
+        raise MetadataError(f"pool configuration {path / CONFIG_NAME} is unreadable: {e}") from None
 
 
 def _block_runs(blocks: np.ndarray):

@@ -64,6 +64,10 @@ class Volume:
 
     # -- read --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
+        with self.pool._guard():
+            return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length, "read")
         if length == 0:
             return b""
@@ -84,13 +88,18 @@ class Volume:
 
     # -- write -------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        with self.pool._guard():
+            while not self._write(offset, data):
+                pass       # waited for space: the pool may have changed, start over
+
+    def _write(self, offset: int, data) -> bool:
         data = memoryview(data).cast("B")
         length = data.nbytes
         self._check_range(offset, length, "write")
         pool = self.pool
         pool._check_writable()
         if length == 0:
-            return
+            return True
         bs = pool.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         meta = pool._meta
@@ -115,13 +124,15 @@ class Volume:
             if fresh[0] > 0:
                 prev = maps.get(fresh[0] - 1) or meta.lookup(self.dev_id, fresh[0] - 1)
             new = pool._allocate(len(fresh), None if prev is None else prev[0] + 1)
+            if new is None:
+                return False
         # Writes into exclusive blocks, one pwrite per run.
         for vb, db, n in _runs({v: (b, 0) for v, b in in_place.items()}):
             lo = max(offset, vb * bs)
             hi = min(end, (vb + n) * bs)
             dev.write_span(db, lo - vb * bs, data[lo - offset: hi - offset])
         if not fresh:
-            return
+            return True
         # New blocks: only the first and last block of a write can be partly covered. Those get
         # the shared original copied in (copy-on-write) or are zeroed first, so a reused block
         # never shows old bytes; then each run of new blocks takes one write.
@@ -142,9 +153,14 @@ class Volume:
             raise
         for v, b in zip(fresh, new.tolist()):
             meta.insert(self.dev_id, v, b)
+        return True
 
     # -- discard -----------------------------------------------------------------------------
     def discard(self, offset: int, length: int) -> None:
+        with self.pool._guard():
+            self._discard(offset, length)
+
+    def _discard(self, offset: int, length: int) -> None:
         self._check_range(offset, length, "discard")
         pool = self.pool
         pool._check_writable()

@@ -27,7 +27,7 @@ MODES = ("drop", "tear", "reorder")
 
 def run_workload(root: Path, rng: random.Random, steps: int):
     """Create a pool, then record a random workload on it. Returns (initial files, events, model)."""
-    Pool.create(root, data_size=48 * BS, block_size=BS).close()
+    Pool.create(root, data_size=48 * BS, block_size=BS, error_if_no_space=True).close()
     initial = snapshot_files(root)
     hist = History(BS)
     hist.commits.append((0, 0, frozenset()))

@@ -23,6 +23,34 @@ from .app import (SIZE, TARGET, POOL, Session, Target, cli, confirm, get_volume,
 DEFAULT_BLOCK_SIZE = 64 * 1024
 
 
+def _pool_options(fn):
+    """The pool behaviour options shared by create and configure."""
+    fn = click.option("--low-water-hook", metavar="COMMAND",
+                      help="Shell command run once when free data falls below --low-water "
+                           "(gets THINPOOL_POOL and THINPOOL_FREE_BLOCKS).")(fn)
+    fn = click.option("--low-water", type=SIZE,
+                      help="Free-space mark that triggers --low-water-hook (0 = off).")(fn)
+    fn = click.option("--no-space-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+                      help="How long a write waits for space when the pool is full "
+                           "[default: 60; 0 = fail at once].")(fn)
+    fn = click.option("--error-if-no-space/--queue-if-no-space", default=None,
+                      help="Fail writes at once when the pool is full, or let them wait.")(fn)
+    return fn
+
+
+def _options_from(error_if_no_space, no_space_timeout, low_water, low_water_hook, bs: int) -> dict:
+    out = {}
+    if error_if_no_space is not None:
+        out["error_if_no_space"] = error_if_no_space
+    if no_space_timeout is not None:
+        out["no_space_timeout"] = no_space_timeout
+    if low_water is not None:
+        out["low_water_blocks"] = -(-low_water // bs)
+    if low_water_hook is not None:
+        out["low_water_hook"] = low_water_hook or None
+    return out
+
+
 # -- create ----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("target", metavar="POOL[/NAME]", type=TARGET)
@@ -35,9 +63,11 @@ DEFAULT_BLOCK_SIZE = 64 * 1024
               help="Put the pool's data on this existing file or block device.")
 @click.option("--metadata", "metadata_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Put the pool's metadata on this existing file or block device.")
+@_pool_options
 @pass_session
 def create(session: Session, target: Target, size: int | None, block_size: int | None,
-           metadata_size: int | None, data_path: Path | None, metadata_path: Path | None) -> None:
+           metadata_size: int | None, data_path: Path | None, metadata_path: Path | None,
+           error_if_no_space, no_space_timeout, low_water, low_water_hook) -> None:
     """Make a pool (POOL) or a thin volume in it (POOL/NAME).
 
     \b
@@ -48,7 +78,11 @@ def create(session: Session, target: Target, size: int | None, block_size: int |
     if target.volume is not None:
         extra = [name for name, value in (("--block-size", block_size),
                                           ("--metadata-size", metadata_size),
-                                          ("--data", data_path), ("--metadata", metadata_path))
+                                          ("--data", data_path), ("--metadata", metadata_path),
+                                          ("--error-if-no-space", error_if_no_space),
+                                          ("--no-space-timeout", no_space_timeout),
+                                          ("--low-water", low_water),
+                                          ("--low-water-hook", low_water_hook))
                  if value is not None]
         if extra:
             raise click.UsageError(f"{', '.join(extra)} applies to pools, not to volumes")
@@ -56,13 +90,15 @@ def create(session: Session, target: Target, size: int | None, block_size: int |
             raise click.UsageError("a volume needs --size")
         _create_volume(session, target, size)
     else:
+        bs = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         _create_pool(session, target.pool, size, block_size, metadata_size, data_path,
-                     metadata_path)
+                     metadata_path, _options_from(error_if_no_space, no_space_timeout, low_water,
+                                                  low_water_hook, bs))
 
 
 def _create_pool(session: Session, name: str, size: int | None, block_size: int | None,
                  metadata_size: int | None, data_path: Path | None,
-                 metadata_path: Path | None) -> None:
+                 metadata_path: Path | None, options: dict | None = None) -> None:
     from thinpool import Pool
     from thinpool.pool import check_block_size
 
@@ -88,7 +124,7 @@ def _create_pool(session: Session, name: str, size: int | None, block_size: int 
         raise AlreadyExists(f"pool {name!r} exists already in {session.home}; choose another "
                             f"name, or remove it with 'thinpool destroy {name}'")
     with Pool.create(path, data_size=size, block_size=bs, metadata_size=metadata_size,
-                     data_path=data_path, metadata_path=metadata_path) as pool:
+                     data_path=data_path, metadata_path=metadata_path, **(options or {})) as pool:
         st = pool.stat()
     output.echo(f"created pool {name} in {path}: {format_size(st.data_blocks_total * bs)} of data "
                 f"in {st.data_blocks_total} blocks of {format_size(bs)}, "
@@ -103,6 +139,38 @@ def _create_volume(session: Session, target: Target, size: int) -> None:
         vol = pool.create_thin(target.volume, size)
         output.echo(f"created volume {target} of {format_size(vol.size)} (device id {vol.dev_id})")
         warn_if_overcommitted(pool)
+
+
+# -- configure -------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL", type=POOL)
+@_pool_options
+@click.option("--json", "as_json", is_flag=True, help="Print the options as JSON.")
+@pass_session
+def configure(session: Session, target: Target, error_if_no_space, no_space_timeout, low_water,
+              low_water_hook, as_json: bool) -> None:
+    """Show or change how a pool behaves when it fills up.
+
+    \b
+      thinpool configure demo --error-if-no-space
+      thinpool configure demo --low-water 1G --low-water-hook 'logger pool $THINPOOL_POOL is low'
+    """
+    from dataclasses import asdict
+    with session.pool(target.pool, write=True) as pool:
+        changes = _options_from(error_if_no_space, no_space_timeout, low_water, low_water_hook,
+                                pool.block_size)
+        opts = pool.configure(**changes) if changes else pool.options
+        bs = pool.block_size
+    if as_json:
+        output.emit_json(asdict(opts))
+        return
+    output.fields(f"pool {target.pool}", [
+        ("when full", "fail writes at once" if opts.error_if_no_space or not opts.no_space_timeout
+         else f"writes wait up to {opts.no_space_timeout:g} s for space"),
+        ("low-water mark", "off" if not opts.low_water_blocks else
+         f"{format_size(opts.low_water_blocks * bs)} ({opts.low_water_blocks} blocks)"),
+        ("low-water hook", opts.low_water_hook or "-"),
+    ])
 
 
 # -- resize ----------------------------------------------------------------------------------

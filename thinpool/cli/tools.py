@@ -99,6 +99,14 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
     from thinpool.tools.check import check as run_check
     with source(session, target) as src:
         report = run_check(src.path)
+        flagged = src.pool is not None and src.pool.metadata.needs_check
+    if flagged and report.clean:
+        # A clean check is what a pool marked NEEDS_CHECK waits for (after damage was repaired
+        # or metadata space was added): let it take writes again.
+        with session.pool(target, write=True) as pool:
+            pool.clear_needs_check()
+        if not quiet and not as_json:
+            output.note(f"pool {target} was marked for a check; the check is clean, the mark is cleared")
     if as_json:
         output.emit_json(report.as_dict())
     elif not quiet:

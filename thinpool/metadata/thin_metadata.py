@@ -360,6 +360,21 @@ class ThinMetadata:
         if n > self.metadata_sm.nr_blocks:
             self.metadata_sm.extend(n)
 
+    # -- needs_check -------------------------------------------------------------------------
+    def set_needs_check(self, on: bool = True) -> None:
+        """Throw away the current transaction and write the committed superblock again with
+        the NEEDS_CHECK flag set (or cleared). Writes block 0 only; allocates nothing, so it
+        works on a full metadata device."""
+        if self.read_only:
+            raise ReadOnlyError("pool metadata is open read-only")
+        self.abort()
+        flags = (self.sb.flags | fmt.SB_FLAG_NEEDS_CHECK) if on else (self.sb.flags & ~fmt.SB_FLAG_NEEDS_CHECK)
+        if flags == self.sb.flags:
+            return
+        self.sb = fmt.Superblock(**{**self.sb.__dict__, "flags": flags})
+        self.bm.write(fmt.SUPERBLOCK_LOCATION, self.sb.pack(), SUPERBLOCK_VALIDATOR)
+        self.bm.flush()
+
     # -- held metadata snapshot --------------------------------------------------------------
     def reserve_metadata_snap(self) -> int:
         """Commit, then keep a copy of the superblock whose trees stay intact for readers
