@@ -55,6 +55,9 @@ class Volume:
     def _map(self, first: int, last: int) -> dict[int, tuple[int, int]]:
         """Mappings of virtual blocks [first, last]: vblock -> (data block, time)."""
         meta = self.pool._meta
+        if first == last:                       # one block: a plain lookup is cheapest
+            m = meta.lookup(self.dev_id, first)
+            return {} if m is None else {first: m}
         out: dict[int, tuple[int, int]] = {}
         for keys, vals in meta.mappings(self.dev_id, first, last + 1):
             blocks = (vals >> np.uint64(24)).tolist()

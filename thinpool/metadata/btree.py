@@ -31,6 +31,7 @@ insert/remove O(depth) plus O(max_entries) shifting per node.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -80,11 +81,12 @@ class ValueType:
 class Node:
     """numpy views over one node's buffer. Writable when the buffer is a ``bytearray``."""
 
-    __slots__ = ("block", "buf", "flags", "nr", "max", "vsize", "keys", "values")
+    __slots__ = ("block", "buf", "flags", "nr", "max", "vsize", "keys", "values", "_klist")
 
     def __init__(self, block: int, buf, leaf_dtype: np.dtype):
         self.block = block
         self.buf = buf
+        self._klist = None
         _, flags, _, nr, mx, vs, _ = _HDR.unpack_from(buf, 0)
         self.flags = flags
         self.nr = nr
@@ -111,6 +113,13 @@ class Node:
         self.nr = n
         _HDR.pack_into(self.buf, 0, 0, self.flags, 0, n, self.max, self.vsize, 0)
 
+    def key_list(self) -> list[int]:
+        """The keys as a Python list, computed once: only for nodes that never change (clean)."""
+        k = self._klist
+        if k is None:
+            k = self._klist = self.keys[: self.nr].tolist()
+        return k
+
     def lower(self, key: int) -> int:
         """Index of the largest key <= ``key``, or -1."""
         return int(np.searchsorted(self.keys[: self.nr], np.uint64(key), side="right")) - 1
@@ -128,10 +137,27 @@ class BTree:
     def __init__(self, tm: TransactionManager, vt: ValueType):
         self.tm = tm
         self.vt = vt
+        self._clean: dict[int, Node] = {}     # parsed clean nodes, checked by buffer identity
 
     # -- node access -------------------------------------------------------------------------
     def node(self, b: int) -> Node:
         return Node(b, self.tm.read(b, NODE_VALIDATOR), self.vt.dtype)
+
+    def node_ro(self, b: int) -> Node:
+        """A node to read, not to change. Clean nodes (immutable ``bytes`` from the block cache)
+        are parsed once and reused while the block cache holds the same buffer."""
+        buf = self.tm.read(b, NODE_VALIDATOR)
+        if type(buf) is not bytes:
+            return Node(b, buf, self.vt.dtype)
+        cache = self._clean
+        n = cache.get(b)
+        if n is not None and n.buf is buf:
+            return n
+        n = Node(b, buf, self.vt.dtype)
+        if len(cache) >= 8192:
+            cache.clear()
+        cache[b] = n
+        return n
 
     def _new_node(self, flags: int) -> Node:
         b, buf = self.tm.new_block(NODE_VALIDATOR)
@@ -158,8 +184,8 @@ class BTree:
     def lookup(self, root: int, key: int):
         b = root
         for _ in range(MAX_DEPTH):
-            n = self.node(b)
-            i = n.lower(key)
+            n = self.node_ro(b)
+            i = bisect_right(n.key_list(), key) - 1 if type(n.buf) is bytes else n.lower(key)
             if i < 0:
                 return None
             if n.is_leaf:
@@ -174,16 +200,23 @@ class BTree:
             b, depth = stack.pop()
             if depth > MAX_DEPTH:
                 raise _too_deep(root, b)
-            n = self.node(b)
-            keys = n.keys[: n.nr]
-            if n.is_leaf:
+            n = self.node_ro(b)
+            if type(n.buf) is bytes:
+                kl = n.key_list()
+                a = bisect_left(kl, lo) if lo else 0
+                z = n.nr if hi is None else bisect_left(kl, hi)
+                if not n.is_leaf and lo:
+                    a = max(bisect_right(kl, lo) - 1, 0)
+            else:
+                keys = n.keys[: n.nr]
                 a = int(np.searchsorted(keys, np.uint64(lo), side="left")) if lo else 0
                 z = n.nr if hi is None else int(np.searchsorted(keys, np.uint64(hi), side="left"))
+                if not n.is_leaf and lo:
+                    a = max(n.lower(lo), 0)
+            if n.is_leaf:
                 if a < z:
-                    yield keys[a:z].copy(), n.values[a:z].copy()
+                    yield n.keys[a:z].copy(), n.values[a:z].copy()
                 continue
-            a = max(n.lower(lo), 0) if lo else 0
-            z = n.nr if hi is None else int(np.searchsorted(keys, np.uint64(hi), side="left"))
             stack.extend((c, depth + 1) for c in reversed(n.values[a:z].tolist()))
 
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, object]]:

@@ -178,6 +178,8 @@ class ThinMetadata:
                 self.metadata_sm.extend(bigger)
 
     def _reset_changes(self) -> None:
+        if not hasattr(self, "_lcache"):
+            self._lcache: dict[int, dict[int, tuple[int, int] | None]] = {}
         self._committed_snap = self.sb.metadata_snap
         self._owned: set[int] = set()
         self._dirty_roots: set[int] = set()
@@ -256,6 +258,7 @@ class ThinMetadata:
         self.device(dev_id)
         self.top_root, _ = self.top_tree.remove(self.top_root, dev_id, callbacks=False)
         self.mapping_tree.delete(self.roots.pop(dev_id))
+        self._lcache.pop(dev_id, None)
         del self.devices[dev_id]
         self._dirty_roots.discard(dev_id)
         self._changed.discard(dev_id)
@@ -296,8 +299,19 @@ class ThinMetadata:
         self._owned.add(dev_id)
 
     def lookup(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
+        """(data block, time) of one mapping, or None. Answers come from a bounded per-device
+        cache that insert/remove keep exact; a miss walks the tree."""
+        cache = self._lcache.get(dev_id)
+        if cache is None:
+            cache = self._lcache[dev_id] = {}
+        elif vblock in cache:
+            return cache[vblock]
         v = self.mapping_tree.lookup(self._root(dev_id), vblock)
-        return None if v is None else fmt.unpack_mapping(int(v))
+        m = None if v is None else fmt.unpack_mapping(int(v))
+        if len(cache) >= 1 << 16:
+            cache.clear()
+        cache[vblock] = m
+        return m
 
     def mappings(self, dev_id: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(virtual blocks, packed values) array pairs in order, for virtual blocks in [lo, hi)."""
@@ -317,6 +331,9 @@ class ThinMetadata:
         if new_root != root:
             self.roots[dev_id] = new_root
             self._dirty_roots.add(dev_id)
+        cache = self._lcache.get(dev_id)
+        if cache is not None:
+            cache[vblock] = (data_block, self.time)
         if old is None:
             dev.mapped_blocks += 1
             self._changed.add(dev_id)
@@ -330,6 +347,9 @@ class ThinMetadata:
         self._own(dev_id)
         root = self.roots[dev_id]
         new_root, old = self.mapping_tree.remove(root, vblock)
+        cache = self._lcache.get(dev_id)
+        if cache is not None:
+            cache[vblock] = None
         if old is None:
             return None
         if new_root != root:
@@ -445,6 +465,7 @@ class ThinMetadata:
         """Forget everything since the last commit."""
         self.tm.abort()
         self.bm.clear_cache()
+        self._lcache = {}
         self._load()
 
 
