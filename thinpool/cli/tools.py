@@ -96,10 +96,20 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
       thinpool check demo
       thinpool check /dev/vg/pool_tmeta --json
     """
+    from thinpool.errors import MetadataError
     from thinpool.tools.check import check as run_check
-    with source(session, target) as src:
-        report = run_check(src.path)
-        flagged = src.pool is not None and src.pool.metadata.needs_check
+    try:
+        with source(session, target) as src:
+            report = run_check(src.path)
+            flagged = src.pool is not None and src.pool.metadata.needs_check
+    except MetadataError:
+        if not _is_pool(session, target):
+            raise
+        # The pool does not open (damaged superblock or space maps): check its metadata file all
+        # the same; that is what check is for. No writer holds it: a writer has to open it too.
+        from thinpool.pool import pool_files
+        report = run_check(str(pool_files(session.pool_path(target))[0]))
+        flagged = False
     if flagged and report.clean:
         # A clean check is what a pool marked NEEDS_CHECK waits for (after damage was repaired
         # or metadata space was added): let it take writes again.
