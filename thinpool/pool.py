@@ -175,6 +175,17 @@ class _Lock:
             self.fd = -1
 
 
+@contextmanager
+def lock_metadata(path):
+    """Hold the exclusive pool lock on a metadata file or device for the block: fails with
+    BusyError, naming the holder, if a pool has it open."""
+    lock = _Lock(os.fspath(path), exclusive=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _lock_holder(fd: int) -> int | None:
     """The pid holding a flock on the file behind ``fd``, from /proc/locks."""
     ino = os.fstat(fd).st_ino

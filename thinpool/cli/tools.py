@@ -185,7 +185,10 @@ def dump(session: Session, target: str, fmt: str, dev_ids: tuple[str, ...], out:
             run_dump(reader, (XmlEmitter if fmt == "xml" else JsonEmitter)(buf), ids)
     text = buf.getvalue()
     if out:
-        Path(out).write_text(text)
+        try:
+            Path(out).write_text(text)
+        except OSError as e:
+            raise InvalidArgument(f"cannot write {out}: {e.strerror}") from None
     else:
         sys.stdout.write(text)
 
@@ -212,8 +215,13 @@ def restore(session: Session, input_: str, output_: str, metadata_size: int | No
     if not os.path.exists(output_):
         size = metadata_size or max(4 << 20, 64 * img.nr_mappings + 64 * len(img.devices) * 4096
                                     + (img.nr_data_blocks // 16320 + 8) * 8192)
-        create_metadata_file(output_, size)
-    run_restore(img, output_)
+        try:
+            create_metadata_file(output_, size)
+        except OSError as e:
+            raise InvalidArgument(f"cannot create {output_}: {e.strerror}") from None
+    from thinpool.pool import lock_metadata
+    with lock_metadata(output_):         # never under a pool that has it open
+        run_restore(img, output_)
     output.echo(f"restored {len(img.devices)} device(s) and {img.nr_mappings} mapping(s) to {output_}")
 
 
