@@ -11,6 +11,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from thinpool import Pool
@@ -87,13 +88,17 @@ def run_workload(root: Path, rng: random.Random, steps: int):
     return initial, rec.events, hist
 
 
-def _sector_mix(got: bytes, ok: list[bytes]) -> bool:
-    """Every 512-byte sector of ``got`` is that sector of some allowed version."""
-    return all(any(got[i:i + 512] == d[i:i + 512] for d in ok) for i in range(0, len(got), 512))
+def _mix(got: bytes, ok: list[bytes]) -> bool:
+    """Every byte of ``got`` is that byte of some allowed version: unflushed writes reach the
+    disk in any subset and order, and a torn one in part, so a block may hold the old bytes of
+    one write and the new bytes of another - but nothing that no write put there."""
+    g = np.frombuffer(got, np.uint8)
+    return bool((np.stack([np.frombuffer(d, np.uint8) for d in ok]) == g).any(axis=0).all())
 
 
-def check_crash(tmp: Path, initial, events, hist: History, k: int, mode: str, rng) -> None:
-    where = f"crash before event {k} of {len(events)} ({mode})"
+def check_crash(tmp: Path, initial, events, hist: History, k: int, mode: str, rng,
+                label: str = "") -> None:
+    where = f"{label}crash before event {k} of {len(events)} ({mode})"
     files = crash_image(initial, events, k, mode, rng)
     root = tmp / "crashed"
     write_files(files, root)
@@ -107,8 +112,8 @@ def check_crash(tmp: Path, initial, events, hist: History, k: int, mode: str, rn
             for vb in range(VOL_BLOCKS):
                 got = vol.read(vb * BS, BS)
                 ok = hist.allowed(name, vb, since, k)
-                if got not in ok and mode == "tear" and _sector_mix(got, ok):
-                    continue        # the torn data write: each sector old or new
+                if got not in ok and mode != "drop" and _mix(got, ok):
+                    continue
                 if got not in ok:
                     diffs = [(sum(a != b for a, b in zip(got, d)), next(i for i in range(BS) if got[i] != d[i]))
                              for d in ok]
@@ -137,6 +142,6 @@ def test_crash_points(tmp_path, mode):
         for f in rng.sample(flushes, min(len(flushes), n // 3)):
             points.add(min(len(events), f + rng.choice([0, 1, 2])))
         for k in sorted(points)[: max(n, 1)]:
-            check_crash(tmp_path, initial, events, hist, k, mode, rng)
+            check_crash(tmp_path, initial, events, hist, k, mode, rng, f"seed {mode}-{seed}: ")
             done += 1
     assert done >= per_mode
