@@ -23,9 +23,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import CorruptBlock
 from . import format as fmt
 from .block import BITMAP_VALIDATOR, INDEX_VALIDATOR
-from .btree import BTree, Node
+from .btree import MAX_DEPTH, BTree, Node
 from .space_map import INDEX_VT, REF_COUNT_VT
 from .thin_metadata import ThinMetadata
 
@@ -122,11 +123,40 @@ def expected_counts(meta: ThinMetadata) -> tuple[np.ndarray, np.ndarray]:
     return v.metadata, v.data
 
 
+def checked_leaves(tree: BTree, root: int):
+    """(keys, values) of every leaf below ``root`` in key order, like ``BTree.leaves`` but
+    refusing what ``thin_dump`` refuses: keys that do not strictly increase inside a node, or
+    that fall outside the range the parent node gives. Raises CorruptBlock naming the node."""
+    stack = [(root, 0, None, 1)]
+    while stack:
+        b, lo, hi, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CorruptBlock(b, "btree node", "tree deeper than any valid tree (a cycle?)",
+                               f"more than {MAX_DEPTH} levels below root {root}")
+        n = tree.node(b)
+        keys = n.keys[: n.nr]
+        if n.nr > 1 and not (keys[1:] > keys[:-1]).all():
+            raise CorruptBlock(b, "btree node", "keys out of order")
+        if n.nr and (int(keys[0]) < lo or (hi is not None and int(keys[-1]) >= hi)):
+            end = "" if hi is None else hi
+            raise CorruptBlock(b, "btree node", "keys outside the parent's range",
+                               f"keys {int(keys[0])}..{int(keys[-1])}, range [{lo}..{end})")
+        if n.is_leaf:
+            yield keys.copy(), n.values[: n.nr].copy()
+            continue
+        ks = keys.tolist()
+        kids = n.values[: n.nr].tolist()
+        for i in range(len(kids) - 1, -1, -1):
+            stack.append((int(kids[i]), ks[i], ks[i + 1] if i + 1 < len(ks) else hi, depth + 1))
+
+
 class MetadataReader:
     """Read-only access to the trees of a metadata device, live or through the held snapshot.
 
     Loads no space maps (cheap to open); never writes. ``metadata_snap=True`` reads the trees of
-    the held metadata snapshot (``reserve_metadata_snap``), which a writer leaves intact."""
+    the held metadata snapshot (``reserve_metadata_snap``), which a writer leaves intact.
+    Every tree is read with :func:`checked_leaves`: keys out of order or outside their parent's
+    range raise CorruptBlock, as ``thin_dump`` 0.9.0 refuses them."""
 
     def __init__(self, path, metadata_snap: bool = False):
         from ..errors import MetadataError, NotFound
@@ -169,13 +199,15 @@ class MetadataReader:
 
     def details(self) -> dict[int, fmt.DeviceDetails]:
         out = {}
-        for k, v in self.details_tree.items(self.view.device_details_root):
-            out[k] = fmt.DeviceDetails(int(v["mapped_blocks"]), int(v["transaction_id"]),
-                                       int(v["creation_time"]), int(v["snapshotted_time"]))
+        for keys, vals in checked_leaves(self.details_tree, self.view.device_details_root):
+            for k, v in zip(keys.tolist(), vals):
+                out[k] = fmt.DeviceDetails(int(v["mapped_blocks"]), int(v["transaction_id"]),
+                                           int(v["creation_time"]), int(v["snapshotted_time"]))
         return out
 
     def roots(self) -> dict[int, int]:
-        return {k: int(v) for k, v in self.top_tree.items(self.view.data_mapping_root)}
+        leaves = checked_leaves(self.top_tree, self.view.data_mapping_root)
+        return {k: int(v) for keys, vals in leaves for k, v in zip(keys.tolist(), vals.tolist())}
 
     def mappings(self, root: int, lo: int = 0, hi: int | None = None):
         """(virtual blocks, packed values) per leaf of the mapping tree at ``root``."""
@@ -183,7 +215,7 @@ class MetadataReader:
 
     def device_arrays(self, root: int) -> tuple[np.ndarray, np.ndarray]:
         """All of a device's mappings as two arrays (virtual blocks, packed values)."""
-        parts = list(self.mapping_tree.leaves(root))
+        parts = list(checked_leaves(self.mapping_tree, root))
         if not parts:
             return np.zeros(0, fmt.U64), np.zeros(0, fmt.U64)
         return (np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts]))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import MetadataError
 from ..metadata import format as fmt
 from ..metadata.walker import MetadataReader
 
@@ -31,8 +32,13 @@ class DeviceUsage:
 
 
 def device_usage(reader: MetadataReader) -> list[DeviceUsage]:
+    """One row per device of the details tree, in id order. A device whose mapping tree is
+    missing from the top-level tree is damage: MetadataError (``thin_ls`` refuses it too)."""
     details = reader.details()
     roots = reader.roots()
+    orphans = sorted(set(details) - set(roots))
+    if orphans:
+        raise MetadataError(f"device {orphans[0]} has details but no mapping tree")
     blocks: dict[int, np.ndarray] = {}
     highest: dict[int, int | None] = {}
     for dev, root in sorted(roots.items()):

@@ -198,6 +198,7 @@ class Checker:
     def count_below(self, b: int, memo: dict[int, int]) -> int:
         if b in memo:
             return memo[b]
+        memo[b] = 0             # a pointer cycle back to ``b`` adds nothing (and ends here)
         if b in self.leaf_nr:
             c = self.leaf_nr[b]
         else:

@@ -17,7 +17,7 @@ from typing import IO, Protocol
 
 import numpy as np
 
-from ..errors import MetadataError
+from ..errors import MetadataError, NotFound
 from ..metadata import format as fmt
 from ..metadata.walker import MetadataReader
 
@@ -56,14 +56,16 @@ def superblock_info(reader: MetadataReader) -> dict:
 
 
 def dump(reader: MetadataReader, out: DumpEmitter, dev_ids: list[int] | None = None) -> None:
-    """Walk the metadata (live or held snapshot) and feed ``out``."""
-    out.superblock(superblock_info(reader))
+    """Walk the metadata (live or held snapshot) and feed ``out``. A device asked for in
+    ``dev_ids`` that does not exist raises NotFound before anything is emitted."""
     details = reader.details()
     roots = reader.roots()
     wanted = sorted(roots) if dev_ids is None else sorted(set(dev_ids))
+    missing = [dev for dev in wanted if dev not in roots]
+    if missing:
+        raise NotFound(f"no thin device {missing[0]} in the metadata")
+    out.superblock(superblock_info(reader))
     for dev in wanted:
-        if dev not in roots:
-            raise MetadataError(f"no mapping tree for device {dev}")
         d = details.get(dev)
         if d is None:
             raise MetadataError(f"device {dev} has a mapping tree but no details")
