@@ -54,8 +54,8 @@ from .volume import Volume
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MIN_METADATA_SIZE = 2 * 1024 * 1024
 METADATA_BYTES_PER_BLOCK = 48
-CONFIG_NAME = "pool.json"
-NAMES_NAME = "names.json"
+from .paths import CONFIG_NAME, NAMES_NAME  # noqa: E402
+
 
 
 class PoolMode(enum.IntEnum):

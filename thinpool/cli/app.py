@@ -28,7 +28,7 @@ import click
 
 from thinpool.errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NotFound,
                              ThinpoolError)
-from thinpool.pool import CONFIG_NAME          # the file that makes a directory a pool
+from thinpool.paths import CONFIG_NAME          # the file that makes a directory a pool
 from thinpool.units import format_size, parse_size
 
 from . import output
@@ -60,7 +60,7 @@ _POOL_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+@:-]{0,127}$")
 def check_pool_name(name: str) -> str:
     """A pool name is one path component: 1-128 of ``A-Z a-z 0-9 _ . + - @ :``, not starting
     with ``.`` or ``-`` (so never empty, ``.``, ``..`` or anything with ``/``)."""
-    if not _POOL_NAME.match(name):
+    if not _POOL_NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid pool name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . + - @ :, "
             f"not starting with '.' or '-'")
@@ -149,7 +149,7 @@ class Session:
         except FileNotFoundError:
             return []
         return [n for n in entries
-                if _POOL_NAME.match(n) and (self.home / n / CONFIG_NAME).is_file()]
+                if _POOL_NAME.fullmatch(n) and (self.home / n / CONFIG_NAME).is_file()]
 
     def require_pool(self, name: str) -> Path:
         path = self.pool_path(name)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from thinpool.errors import AlreadyExists, InvalidArgument, MetadataError
-from thinpool.pool import CONFIG_NAME
+from thinpool.paths import CONFIG_NAME
 from thinpool.units import format_size
 
 from . import output
