@@ -30,26 +30,26 @@ from .app import POOL, SIZE, Session, Target, cli, pass_session
 
 
 class Source:
-    """Where a tool reads metadata: the file, and the pool's names when it is a pool."""
+    """Where a tool reads metadata: the file, and the pool's volume names when it is a pool."""
 
-    def __init__(self, path: str, pool=None):
+    def __init__(self, path: str, label: str = "the metadata", by_name: dict[str, int] | None = None,
+                 pool=None):
         self.path = path
+        self.label = label
+        self.by_name = by_name or {}
         self.pool = pool
 
     def names(self) -> dict[int, str]:
-        if self.pool is None:
-            return {}
-        return {v.dev_id: v.name for v in self.pool.stat().volumes}
+        return {dev: name for name, dev in self.by_name.items()}
 
     def dev_id(self, text: str) -> int:
         """A device by volume name (on a pool) or by id."""
-        if self.pool is not None and text in self.pool.volumes():
-            return self.pool.volume(text).dev_id
+        if text in self.by_name:
+            return self.by_name[text]
         try:
             return int(text, 10)
         except ValueError:
-            where = f"pool {self.pool.name}" if self.pool is not None else "the metadata"
-            raise NotFound(f"no volume or device id {text!r} in {where}") from None
+            raise NotFound(f"no volume or device id {text!r} in {self.label}") from None
 
 
 def _is_pool(session: Session, target: str) -> bool:
@@ -60,11 +60,19 @@ def _is_pool(session: Session, target: str) -> bool:
 def source(session: Session, target: str, metadata_snap: bool = False) -> Iterator[Source]:
     if _is_pool(session, target):
         if metadata_snap:
+            # No lock: the held snapshot does not change under a writer. Names come from the
+            # registry as it is now (a volume made after the snapshot is simply not in it).
+            from thinpool.paths import NAMES_NAME
             from thinpool.pool import pool_files
-            yield Source(str(pool_files(session.pool_path(target))[0]))
+            from thinpool.registry import Registry
+            path = session.pool_path(target)
+            reg = Registry.load(str(path / NAMES_NAME))
+            yield Source(str(pool_files(path)[0]), f"pool {target}",
+                         {n: e.dev_id for n, e in reg.volumes.items()})
             return
         with session.pool(target) as pool:
-            yield Source(pool.metadata.bm.path, pool)
+            yield Source(pool.metadata.bm.path, f"pool {target}",
+                         {v.name: v.dev_id for v in pool.stat().volumes}, pool)
         return
     if not os.path.exists(target):
         raise NotFound(f"{target!r} is neither a pool in {session.home} nor a metadata file or device")
