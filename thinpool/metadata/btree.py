@@ -168,13 +168,19 @@ class BTree:
     def _shadow(self, b: int) -> Node:
         nb, buf, shared = self.tm.shadow(b, NODE_VALIDATOR)
         n = Node(nb, buf, self.vt.dtype)
-        if shared and n.nr:
-            if n.is_leaf:
-                self.vt.inc(n.values[: n.nr].copy())
-            else:
-                for c in n.values[: n.nr].tolist():
-                    self.tm.inc(c)
+        if shared:
+            self._inc_children(n)
         return n
+
+    def _inc_children(self, n: Node) -> None:
+        """A copy of a shared node is one more parent for each of its children."""
+        if not n.nr:
+            return
+        if n.is_leaf:
+            self.vt.inc(n.values[: n.nr].copy())
+        else:
+            for c in n.values[: n.nr].tolist():
+                self.tm.inc(c)
 
     def empty(self) -> int:
         """Allocate an empty tree (one empty leaf) and return its root."""
@@ -356,12 +362,8 @@ class BTree:
         fresh = Node(n.block, n.buf, self.vt.dtype)
         for slot in Node.__slots__:
             setattr(n, slot, getattr(fresh, slot))
-        if shared and n.nr:
-            if n.is_leaf:
-                self.vt.inc(n.values[: n.nr].copy())
-            else:
-                for c in n.values[: n.nr].tolist():
-                    self.tm.inc(c)
+        if shared:
+            self._inc_children(n)
         self.tm.dec(cb)
 
     def _rebalance(self, parent: Node, i: int) -> None:
