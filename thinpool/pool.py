@@ -140,6 +140,15 @@ def default_metadata_size(nr_data_blocks: int) -> int:
     return min(size, fmt.MAX_METADATA_BLOCKS * fmt.BLOCK_SIZE)
 
 
+def check_metadata_size(size: int) -> int:
+    """Metadata beyond 255 bitmaps (4,161,600 blocks, about 15.88 GiB) cannot be used."""
+    limit = fmt.MAX_METADATA_BLOCKS * fmt.BLOCK_SIZE
+    if size > limit:
+        raise InvalidArgument(f"metadata size {size} is above the format's maximum of {limit} "
+                              f"bytes (15.88 GiB)")
+    return size
+
+
 def check_block_size(block_size: int) -> int:
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size % fmt.SECTOR_SIZE:
         raise InvalidArgument(f"block size {block_size!r} is not a whole number of 512-byte sectors")
@@ -238,6 +247,7 @@ class Pool:
             _int_arg("data size", data_size)
         if metadata_size is not None:
             _int_arg("metadata size", metadata_size)
+            check_metadata_size(metadata_size)
         if data_size is None and data_path is None:
             raise InvalidArgument("a data size is needed for a new data file")
         path = Path(path)
@@ -453,7 +463,8 @@ class Pool:
             try:
                 yield
             except NoMetadataSpace as e:
-                if self._depth > 1 or self._meta is None or self.read_only:
+                if (self._depth > 1 or self._meta is None or self.read_only
+                        or getattr(e, "transaction_intact", False)):
                     raise
                 self._mark_needs_check()
                 raise NoMetadataSpace(
@@ -587,27 +598,45 @@ class Pool:
 
     def _resize(self, data_size: int | None, metadata_size: int | None) -> None:
         self._check_writable(allow_needs_check=data_size is None)
-        before = (self._meta.data_sm.nr_blocks, self._meta.metadata_sm.nr_blocks)
+        meta = self._meta
+        before = (meta.data_sm.nr_blocks, meta.metadata_sm.nr_blocks)
+        # Check everything before changing anything.
+        nr = None
         if data_size is not None:
             _int_arg("data size", data_size)
             nr = data_size // self.block_size
-            if nr < self._meta.nr_data_blocks:
+            if nr < meta.nr_data_blocks:
                 raise InvalidArgument(
-                    f"the pool cannot shrink: it has {self._meta.nr_data_blocks * self.block_size} "
+                    f"the pool cannot shrink: it has {meta.nr_data_blocks * self.block_size} "
                     f"bytes of data space, asked for {data_size}")
-            if nr * self.block_size > self._data.size:
-                self._data.grow(nr * self.block_size)
-            self._meta.resize_data(nr)
+        mblocks = None
         if metadata_size is not None:
             _int_arg("metadata size", metadata_size)
-            blocks = -(-metadata_size // fmt.BLOCK_SIZE)
-            if blocks < self._meta.metadata_sm.nr_blocks:
+            mblocks = -(-metadata_size // fmt.BLOCK_SIZE)
+            check_metadata_size(mblocks * fmt.BLOCK_SIZE)
+            if mblocks < meta.metadata_sm.nr_blocks:
                 raise InvalidArgument("the metadata device cannot shrink")
-            if blocks > self._meta.bm.nr_blocks:
-                self._meta.bm.grow(blocks)
-            self._meta.resize_metadata()
+        if mblocks is not None:                  # metadata first: the data growth may need it
+            if mblocks > meta.bm.nr_blocks:
+                meta.bm.grow(mblocks)
+            meta.resize_metadata()
+        if nr is not None and nr > meta.nr_data_blocks:
+            E = fmt.ENTRIES_PER_BITMAP
+            new_bitmaps = -(-nr // E) - -(-meta.nr_data_blocks // E)
+            need = new_bitmaps + new_bitmaps // 100 + 16   # bitmaps, index leaves, commit shadows
+            if meta.metadata_sm.nr_allocatable() < need:
+                err = NoMetadataSpace(
+                    f"growing the data to {data_size} bytes needs about {need} free metadata "
+                    f"blocks and {meta.metadata_sm.nr_allocatable()} are free: grow the metadata "
+                    f"first ('thinpool resize {self.name} --metadata-size SIZE'); nothing was changed")
+                err.transaction_intact = True
+                if mblocks is None:
+                    raise err
+            if nr * self.block_size > self._data.size:
+                self._data.grow(nr * self.block_size)
+            meta.resize_data(nr)
         # A grown space map alone is not among the metadata's "changes": commit regardless.
-        grew = (self._meta.data_sm.nr_blocks, self._meta.metadata_sm.nr_blocks) != before
+        grew = (meta.data_sm.nr_blocks, meta.metadata_sm.nr_blocks) != before
         self._commit(force=grew)
 
     # -- transactions ------------------------------------------------------------------------

@@ -32,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+@:-]{0,127}$")
 
 def check_name(name: object) -> str:
     """Volume names: 1-128 characters of ``A-Z a-z 0-9 _ . + - @ :``, not starting with ``.`` or ``-``."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid volume name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . + - @ :, "
             f"not starting with '.' or '-'")

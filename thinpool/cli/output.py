@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
@@ -76,8 +77,15 @@ def _console(file):
 
 
 # -- stderr ----------------------------------------------------------------------------------
+# Control characters other than tab (C0, DEL, C1, the Unicode line and paragraph separators):
+# echoed raw from an argument they would break the one line, or drive the terminal.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _line(text: str) -> str:
-    return " ".join(str(text).split("\n"))
+    """One line: newlines become spaces, other control characters escapes (``\\x1b``)."""
+    joined = " ".join(str(text).split("\n"))
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], joined)
 
 
 def echo_err(text: str = "") -> None:

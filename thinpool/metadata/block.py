@@ -218,7 +218,11 @@ class BlockManager:
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument("cannot grow a metadata block device; give a larger device")
         if nr_blocks > self.nr_blocks:
-            os.ftruncate(self._fd, nr_blocks * fmt.BLOCK_SIZE)
+            try:
+                os.ftruncate(self._fd, nr_blocks * fmt.BLOCK_SIZE)
+            except OSError as e:
+                raise InvalidArgument(f"cannot grow metadata file {self.path} to "
+                                      f"{nr_blocks * fmt.BLOCK_SIZE} bytes: {e.strerror}") from None
             self.nr_blocks = nr_blocks
 
     def fileno(self) -> int:
@@ -234,12 +238,18 @@ class BlockManager:
 def create_metadata_file(path, size: int) -> None:
     """Create a new sparse metadata file of ``size`` bytes (rounded up to whole blocks)."""
     size = -(-size // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise InvalidArgument(f"cannot create metadata file {path}: {e.strerror}") from None
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
-    finally:
+    except OSError as e:
         os.close(fd)
+        os.unlink(path)
+        raise InvalidArgument(f"cannot make metadata file {path} {size} bytes: {e.strerror}") from None
+    os.close(fd)
 
 
 def device_size(path) -> int:

@@ -54,6 +54,11 @@ class DumpImage:
         return sum(len(d.keys) for d in self.devices)
 
 
+#: Virtual blocks are below 2^62 (a device of 2^62 blocks is far beyond any block device).
+MAX_VIRTUAL_BLOCKS = 1 << 62
+#: Mappings the largest metadata device could hold: every block a full leaf.
+MAX_MAPPINGS = fmt.MAX_METADATA_BLOCKS * fmt.max_entries_for(8)
+
 _SB_REQUIRED = ("uuid", "time", "transaction", "data_block_size", "nr_data_blocks")
 _DEV_REQUIRED = ("dev_id", "transaction", "creation_time", "snap_time")
 
@@ -78,23 +83,35 @@ class _Collector:
             return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
         begin = np.array(self.begin, np.uint64)
         data = np.array(self.data, np.uint64)
-        length = np.array(self.length, np.int64)
+        length = np.array(self.length, np.uint64)
         time = np.array(self.time, np.uint64)
-        if (length <= 0).any():
+        if (length == 0).any():
             raise InvalidArgument(f"device {dev_id}: a range_mapping has length 0")
+        # Bounds of every run before any run is expanded to one entry per block, so a huge
+        # length is an error, not an allocation of terabytes.
+        nr = np.uint64(img.nr_data_blocks)
+        past = (length > nr) | (data > nr - np.minimum(length, nr))
+        if past.any():
+            i = int(np.flatnonzero(past)[0])
+            raise InvalidArgument(
+                f"device {dev_id}: data blocks {int(data[i])}..{int(data[i]) + int(length[i]) - 1} "
+                f"reach past the end of the pool ({img.nr_data_blocks} data blocks)")
+        if int(time.max()) > fmt.TIME_MASK:
+            raise InvalidArgument(f"device {dev_id}: a mapping time is above 2^24 - 1")
+        vlimit = np.uint64(MAX_VIRTUAL_BLOCKS)
+        if ((length > vlimit) | (begin > vlimit - np.minimum(length, vlimit))).any() or \
+                int((data + length - np.uint64(1)).max()) > fmt.MAX_DATA_BLOCK:
+            raise InvalidArgument(f"device {dev_id}: a block number is out of range")
+        total = img.nr_mappings + float(length.sum(dtype=np.float64))
+        if total > MAX_MAPPINGS:
+            raise InvalidArgument(f"device {dev_id}: the dump has more mappings ({total:.0f}) than "
+                                  f"the largest metadata device can hold ({MAX_MAPPINGS})")
+        length = length.astype(np.int64)
         offs = np.arange(int(length.sum()), dtype=np.uint64) - np.repeat(
             np.cumsum(length) - length, length).astype(np.uint64)
         keys = np.repeat(begin, length) + offs
         blocks = np.repeat(data, length) + offs
         times = np.repeat(time, length)
-        if len(blocks) and int(blocks.max()) >= img.nr_data_blocks:
-            bad = int(blocks[blocks >= img.nr_data_blocks][0])
-            raise InvalidArgument(f"device {dev_id}: data block {bad} is past the end of the pool "
-                                  f"({img.nr_data_blocks} data blocks)")
-        if int(times.max()) > fmt.TIME_MASK:
-            raise InvalidArgument(f"device {dev_id}: a mapping time is above 2^24 - 1")
-        if int(keys.max()) >= 1 << 62 or int(blocks.max()) > fmt.MAX_DATA_BLOCK:
-            raise InvalidArgument(f"device {dev_id}: a block number is out of range")
         # Sort by virtual block; a block mapped twice keeps the last mapping (like thin_restore).
         order = np.argsort(keys, kind="stable")[::-1]
         k_rev = keys[order]
@@ -109,11 +126,10 @@ def _int(attrs: dict, name: str, where: str, line: int) -> int:
         raw = attrs[name]
     except KeyError:
         raise InvalidArgument(f"line {line}: <{where}> lacks the {name} attribute") from None
-    try:
-        v = int(raw, 10)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"line {line}: {where} {name}={raw!r} is not a whole number") from None
-    if v < 0 or v >= 1 << 64:
+    # ASCII digits only: int() would also take signs, spaces, "1_0" and non-ASCII digits.
+    if not (isinstance(raw, str) and raw.isascii() and raw.isdigit()):
+        raise InvalidArgument(f"line {line}: {where} {name}={raw!r} is not a whole number")
+    if len(raw.lstrip("0")) > 20 or (v := int(raw, 10)) >= 1 << 64:
         raise InvalidArgument(f"line {line}: {where} {name}={raw!r} is out of range")
     return v
 
@@ -202,34 +218,48 @@ def parse_xml(stream) -> DumpImage:
     return state["img"]
 
 
+def _jint(value, what: str) -> int:
+    """A JSON number that must be a whole number in [0, 2^64)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"malformed JSON dump: {what} is {value!r}, not a whole number")
+    if not 0 <= value < 1 << 64:
+        raise InvalidArgument(f"malformed JSON dump: {what} {value} is out of range")
+    return value
+
+
 def parse_json(stream) -> DumpImage:
     """Parse thinpool's JSON dump (see :class:`thinpool.tools.dump.JsonEmitter`)."""
     try:
         doc = json.load(stream)
         sb = doc["superblock"]
-        dbs = int(sb["data_block_size"])
+        dbs = _jint(sb["data_block_size"], "data_block_size")
         check_data_block_size(dbs)
-        img = DumpImage(int(sb["time"]), int(sb["transaction"]), int(sb.get("flags", 0)),
-                        int(sb.get("version", 1)), dbs, int(sb["nr_data_blocks"]))
+        img = DumpImage(_jint(sb["time"], "time"), _jint(sb["transaction"], "transaction"),
+                        _jint(sb.get("flags", 0), "flags"), _jint(sb.get("version", 1), "version"),
+                        dbs, _jint(sb["nr_data_blocks"], "nr_data_blocks"))
         if img.version not in fmt.SUPPORTED_VERSIONS or img.time > fmt.TIME_MASK:
             raise InvalidArgument("unsupported version or time out of range")
         seen = set()
+        if not isinstance(doc["devices"], list):
+            raise InvalidArgument("malformed JSON dump: devices is not a list")
         for d in doc["devices"]:
-            dev = DeviceImage(int(d["dev_id"]), int(d["transaction"]), int(d["creation_time"]),
-                              int(d["snap_time"]))
+            if not isinstance(d, dict) or not isinstance(d.get("mappings"), list):
+                raise InvalidArgument("malformed JSON dump: a device is not an object with a "
+                                      "list of mappings")
+            dev = DeviceImage(*(_jint(d[k], k) for k in _DEV_REQUIRED))
             if dev.dev_id in seen or not 0 <= dev.dev_id <= fmt.MAX_DEV_ID:
                 raise InvalidArgument(f"device id {dev.dev_id} is repeated or out of range")
             seen.add(dev.dev_id)
             col = _Collector()
             for run in d["mappings"]:
-                b, db, n, t = (int(x) for x in run)
-                if min(b, db, n, t) < 0:
-                    raise InvalidArgument(f"device {dev.dev_id}: negative number in a mapping")
+                b, db, n, t = (_jint(x, f"device {dev.dev_id}: a mapping's number") for x in run)
                 col.add(b, db, n, t)
             dev.keys, dev.values = col.arrays(img, dev.dev_id)
             img.devices.append(dev)
     except InvalidArgument:
         raise
+    except RecursionError:
+        raise InvalidArgument("malformed JSON dump: nested too deeply") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InvalidArgument(f"malformed JSON dump: {e}") from None
     img.devices.sort(key=lambda d: d.dev_id)
@@ -245,9 +275,12 @@ def parse_dump(path) -> DumpImage:
     with f:
         head = f.read(64).lstrip()
         f.seek(0)
-        if head.startswith(b"{"):
-            return parse_json(f)
-        return parse_xml(f)
+        try:
+            if head.startswith(b"{"):
+                return parse_json(f)
+            return parse_xml(f)
+        except MemoryError:
+            raise ThinpoolError(f"{path} describes more mappings than fit in memory") from None
 
 
 def restore(img: DumpImage, output) -> None:
