@@ -187,3 +187,62 @@ def test_damage_found_at_open_names_the_block(tmp_path, where):
         Pool.open(d)
     assert f"block {block}" in str(e.value)
     assert (d / "metadata").read_bytes() == before       # nothing written on top of it
+
+
+@requires_tools
+def test_full_pool_scenario_two_volumes_and_a_snapshot(tmp_path):
+    """Fill the pool to out-of-space with two volumes and a snapshot; nothing committed is lost;
+    after a resize the same writes finish; thin_check is clean."""
+    d = tmp_path / "p"
+    with Pool.create(d, data_size=24 * BS, error_if_no_space=True) as p:
+        a, b = p.create_thin("a", 64 * BS), p.create_thin("b", 64 * BS)
+        a.write(0, b"A" * (8 * BS))
+        b.write(0, b"B" * (8 * BS))
+        snap = p.snapshot("a", "snap")
+        p.commit()
+        pending = []                      # (volume, offset, data) the full pool refused
+        for i in range(16):
+            for vol, fill in ((a, b"a"), (b, b"b"), (snap, b"s")):
+                off = (i * 3 % 16) * BS + 100
+                data = fill * 5000
+                try:
+                    vol.write(off, data)
+                except NoDataSpace:
+                    pending.append((vol.name, off, data))
+        assert pending and p.mode == PoolMode.OUT_OF_DATA_SPACE
+        p.commit()
+    with Pool.open(d) as p:               # everything committed is there
+        assert p.volume("snap").read(8 * BS - 10, 10) == b"A" * 10
+        assert p.volume("b").read(7 * BS, 10) == b"B" * 10
+        p.resize(data_size=128 * BS)
+        for name, off, data in pending:
+            p.volume(name).write(off, data)
+        for name, off, data in pending:
+            assert p.volume(name).read(off, len(data)) == data
+        assert p.mode == PoolMode.WRITE
+    assert thin_check(d / "metadata").returncode == 0
+    assert check(d / "metadata").clean
+
+
+def test_reused_blocks_never_show_their_old_contents(tmp_path):
+    """Blocks freed by a delete and a discard go to another volume; its partly written blocks
+    read zeros around its own bytes, never the previous owner's."""
+    d = tmp_path / "p"
+    secret = b"\xee" * BS
+    with Pool.create(d, data_size=16 * BS, error_if_no_space=True) as p:
+        a = p.create_thin("a", 16 * BS)
+        c = p.create_thin("c", 16 * BS)
+        for i in range(8):
+            a.write(i * BS, secret)
+            c.write(i * BS, secret)
+        p.commit()
+        p.delete("a")
+        c.discard(0, 8 * BS)
+        p.commit()
+        b = p.create_thin("b", 64 * BS)
+        for i in range(16):                # every data block, most of them reused
+            b.write(i * BS + 7, b"!")
+        for i in range(16):
+            got = b.read(i * BS, BS)
+            assert got == bytes(7) + b"!" + bytes(BS - 8)
+        assert c.read(0, 8 * BS) == bytes(8 * BS)
