@@ -258,7 +258,12 @@ class SpaceMap:
         """Make the ref-count tree match ``counts`` for the changed blocks; True if it changed."""
         tree = BTree(tm, REF_COUNT_VT)
         did = False
-        for b in changed.tolist():
+        # Only blocks at or above 3, now or at the commit, or already put in the tree in this
+        # commit, can need a tree change: pick them with numpy, not one Python step per block.
+        hot = (self.counts[changed] >= 3) | (self.committed[changed] >= 3)
+        candidates = set(changed[hot].tolist())
+        candidates.update(applied)
+        for b in sorted(candidates):
             want = int(self.counts[b])
             want = want if want >= 3 else 0
             have = applied.get(b)
