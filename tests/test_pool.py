@@ -6,8 +6,6 @@ import json
 import multiprocessing
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

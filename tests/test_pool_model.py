@@ -15,11 +15,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize, invariant,
-                                 precondition, rule)
+                                 rule)
 
 from thinpool import Pool
 from thinpool.errors import NoDataSpace

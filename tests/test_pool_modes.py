@@ -3,7 +3,6 @@ space), the low-water hook, running out of metadata space, damaged metadata."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path

@@ -27,22 +27,20 @@ way the pool is closed and unlocked. Nothing here prints.
 from __future__ import annotations
 
 import enum
-import fcntl
-import json
 import os
 import shutil
 import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
-from .errors import (AlreadyExists, BusyError, IncompatibleMetadata, InvalidArgument,
+from .errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument,
                      MetadataError, NoDataSpace, NoMetadataSpace, NotFound, ReadOnlyError,
                      ThinpoolError)
 from .metadata import format as fmt
@@ -54,7 +52,9 @@ from .volume import Volume
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MIN_METADATA_SIZE = 2 * 1024 * 1024
 METADATA_BYTES_PER_BLOCK = 48
-from .paths import CONFIG_NAME, NAMES_NAME  # noqa: E402
+from .config import PoolOptions, _read_config, _rel, _write_json, pool_files
+from .locking import MetadataLock as _Lock
+from .paths import CONFIG_NAME, NAMES_NAME
 
 
 
@@ -69,30 +69,6 @@ class PoolMode(enum.IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
-
-
-@dataclass
-class PoolOptions:
-    """Behaviour settings kept in pool.json (dm-thin's pool table arguments and dmeventd's
-    low-water handling)."""
-
-    error_if_no_space: bool = False     # fail a write at once when no data block is free
-    no_space_timeout: float = 60.0      # otherwise wait this long for space (seconds; 0 = fail)
-    low_water_blocks: int = 0           # run the hook once when free data blocks fall below
-    low_water_hook: str | None = None   # a shell command; gets THINPOOL_POOL, THINPOOL_FREE_BLOCKS
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "PoolOptions":
-        d = d or {}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def check(self) -> "PoolOptions":
-        if not isinstance(self.no_space_timeout, (int, float)) or self.no_space_timeout < 0:
-            raise InvalidArgument(f"no-space timeout {self.no_space_timeout!r} must be 0 or more seconds")
-        if not isinstance(self.low_water_blocks, int) or self.low_water_blocks < 0:
-            raise InvalidArgument(f"low-water mark {self.low_water_blocks!r} must be 0 or more blocks")
-        return self
 
 
 @dataclass
@@ -162,55 +138,6 @@ def _int_arg(name: str, value) -> int:
     if value < 0:
         raise InvalidArgument(f"{name} must not be negative ({value})")
     return value
-
-
-class _Lock:
-    """An advisory ``flock`` on the metadata file, held on its own descriptor."""
-
-    def __init__(self, path: str, exclusive: bool):
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(self.fd)
-            os.close(self.fd)
-            who = f" by process {holder}" if holder else ""
-            raise BusyError(f"pool metadata {path} is locked{who}; close it there first",
-                            holder_pid=holder) from None
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-@contextmanager
-def lock_metadata(path):
-    """Hold the exclusive pool lock on a metadata file or device for the block: fails with
-    BusyError, naming the holder, if a pool has it open."""
-    lock = _Lock(os.fspath(path), exclusive=True)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _lock_holder(fd: int) -> int | None:
-    """The pid holding a flock on the file behind ``fd``, from /proc/locks."""
-    ino = os.fstat(fd).st_ino
-    try:
-        with open("/proc/locks") as f:
-            for line in f:
-                parts = line.split()
-                if "->" in parts:
-                    continue
-                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].split(":")[-1] == str(ino):
-                    pid = int(parts[4])
-                    if pid != os.getpid():
-                        return pid
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 class Pool:
@@ -761,29 +688,6 @@ class Pool:
         return self._meta
 
 
-def _read_config(path: Path) -> dict:
-    cfg_path = Path(path) / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise NotFound(f"no pool at {path}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-        return cfg
-    except (ValueError, OSError) as e:
-        raise MetadataError(f"pool configuration {cfg_path} is unreadable: {e}") from None
-
-
-def pool_files(path) -> tuple[Path, Path]:
-    """(metadata path, data path) of the pool in directory ``path``, from its pool.json."""
-    path = Path(path)
-    cfg = _read_config(path)
-    try:
-        return path / cfg["metadata"], path / cfg["data"]
-    except (KeyError, TypeError) as e:
-        raise MetadataError(f"pool configuration {path / CONFIG_NAME} is unreadable: {e}") from None
-
-
 def _block_runs(blocks: np.ndarray):
     """(start, length) runs of consecutive block numbers in a sorted array."""
     if not len(blocks):
@@ -810,20 +714,3 @@ def _refuse_live_metadata(path: Path) -> None:
         if fmt.Superblock.unpack(head).magic == fmt.THIN_MAGIC:
             raise AlreadyExists(f"{path} already holds dm-thin pool metadata; "
                                 f"wipe it first if you really mean to reuse it")
-
-
-def _rel(p: Path, base: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(p.resolve())
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

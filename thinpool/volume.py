@@ -216,7 +216,7 @@ class Volume:
 def _runs(maps: dict[int, tuple[int, int]], max_len: int = 256):
     """Group vblock -> (data block, _) into runs (vblock, data block, length) that are
     consecutive in both."""
-    start = None
+    start, n = None, 0
     for vb in sorted(maps):
         db = maps[vb][0]
         if start is not None and vb == start[0] + n and db == start[1] + n and n < max_len:

@@ -227,7 +227,7 @@ def restore(session: Session, input_: str, output_: str, metadata_size: int | No
             create_metadata_file(output_, size)
         except OSError as e:
             raise InvalidArgument(f"cannot create {output_}: {e.strerror}") from None
-    from thinpool.pool import lock_metadata
+    from thinpool.locking import lock_metadata
     with lock_metadata(output_):         # never under a pool that has it open
         run_restore(img, output_)
     output.echo(f"restored {len(img.devices)} device(s) and {img.nr_mappings} mapping(s) to {output_}")
