@@ -141,3 +141,19 @@ def progress(total: int, description: str) -> Iterator[_Counter]:
                   transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield _Counter(bar, task)
+
+
+@contextmanager
+def count_progress(total: int | None, description: str, unit: str) -> Iterator[_Counter]:
+    """A progress bar counting items (devices, say) on stderr, if stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield _Counter()
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn(unit), TimeRemainingColumn(), console=_console(sys.stderr),
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield _Counter(bar, task)

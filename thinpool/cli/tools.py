@@ -79,6 +79,17 @@ def source(session: Session, target: str, metadata_snap: bool = False) -> Iterat
     yield Source(target)
 
 
+def _device_count(path: str) -> int | None:
+    """How many devices the metadata has, for a progress bar; None if that cannot be read."""
+    from thinpool.errors import ThinpoolError
+    from thinpool.metadata.walker import MetadataReader
+    try:
+        with MetadataReader(path) as reader:
+            return len(reader.roots())
+    except ThinpoolError:
+        return None
+
+
 def _reader(src: Source, metadata_snap: bool):
     from thinpool.metadata.walker import MetadataReader
     return MetadataReader(src.path, metadata_snap=metadata_snap)
@@ -108,7 +119,8 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
     from thinpool.tools.check import check as run_check
     try:
         with source(session, target) as src:
-            report = run_check(src.path)
+            with output.count_progress(_device_count(src.path), "checking", "devices") as bar:
+                report = run_check(src.path, progress=lambda n: bar.advance(1))
             flagged = src.pool is not None and src.pool.metadata.needs_check
     except MetadataError:
         if not _is_pool(session, target):
@@ -190,7 +202,10 @@ def dump(session: Session, target: str, fmt: str, dev_ids: tuple[str, ...], out:
         ids = [src.dev_id(d) for d in dev_ids] or None
         with _reader(src, metadata_snap) as reader:
             buf = io.StringIO()
-            run_dump(reader, (XmlEmitter if fmt == "xml" else JsonEmitter)(buf), ids)
+            total = len(ids) if ids else len(reader.roots())
+            with output.count_progress(total, "dumping", "devices") as bar:
+                run_dump(reader, (XmlEmitter if fmt == "xml" else JsonEmitter)(buf), ids,
+                         progress=bar.advance)
     text = buf.getvalue()
     if out:
         try:

@@ -55,9 +55,11 @@ def superblock_info(reader: MetadataReader) -> dict:
             "nr_data_blocks": reader.nr_data_blocks, "metadata_snap": view.metadata_snap}
 
 
-def dump(reader: MetadataReader, out: DumpEmitter, dev_ids: list[int] | None = None) -> None:
+def dump(reader: MetadataReader, out: DumpEmitter, dev_ids: list[int] | None = None,
+         progress=None) -> None:
     """Walk the metadata (live or held snapshot) and feed ``out``. A device asked for in
-    ``dev_ids`` that does not exist raises NotFound before anything is emitted."""
+    ``dev_ids`` that does not exist raises NotFound before anything is emitted.
+    ``progress(1)``, if given, is called after each device."""
     details = reader.details()
     roots = reader.roots()
     wanted = sorted(roots) if dev_ids is None else sorted(set(dev_ids))
@@ -74,6 +76,8 @@ def dump(reader: MetadataReader, out: DumpEmitter, dev_ids: list[int] | None = N
         keys, values = reader.device_arrays(roots[dev])
         out.runs(*mapping_runs(keys, values))
         out.end_device()
+        if progress is not None:
+            progress(1)
     out.end()
 
 
