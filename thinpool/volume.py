@@ -67,8 +67,34 @@ class Volume:
 
     # -- read --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
+        pool = self.pool
+        with pool._mutex:
+            fast = self._fast_block(offset, length)
+            if fast is not None:                   # inside one block whose mapping is cached
+                m, vb = fast
+                if m is None:
+                    return bytes(length)
+                return pool._data.read_in_block(m[0], offset - vb * pool.block_size, length)
         with self.pool._guard():
             return self._read(offset, length)
+
+    def _fast_block(self, offset, length):
+        """(cached mapping, vblock) when the request lies inside one block whose mapping the
+        metadata's lookup cache already holds; None sends it down the general path. Call it
+        holding the pool's mutex."""
+        pool = self.pool
+        meta = pool._meta
+        if (meta is None or pool._data is None or type(offset) is not int or type(length) is not int
+                or offset < 0 or length <= 0 or offset + length > self.size):
+            return None
+        bs = pool.block_size
+        vb = offset // bs
+        if (offset + length - 1) // bs != vb:
+            return None
+        cache = meta._lcache.get(self.dev_id)
+        if cache is None or vb not in cache:
+            return None
+        return cache[vb], vb
 
     def _read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length, "read")
@@ -91,6 +117,19 @@ class Volume:
 
     # -- write -------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        pool = self.pool
+        if type(data) is bytes:
+            with pool._mutex:
+                fast = self._fast_block(offset, len(data))
+                if fast is not None:
+                    m, vb = fast
+                    meta = pool._meta
+                    # An exclusive block already mapped: written in place, no metadata change.
+                    if (m is not None and not pool.read_only and not pool._failed
+                            and not meta.needs_check
+                            and meta.devices[self.dev_id].snapshotted_time <= m[1]):
+                        pool._data.write_in_block(m[0], offset - vb * pool.block_size, data)
+                        return
         with self.pool._guard():
             while not self._write(offset, data):
                 pass       # waited for space: the pool may have changed, start over

@@ -378,6 +378,33 @@ class DataDevice:
             return None
         return os.fstat(self._live_fd()).st_blocks * 512
 
+    def read_in_block(self, block: int, offset_in_block: int, length: int) -> bytes:
+        """The hot path of small reads: ``length`` bytes inside one block, one ``pread``.
+        The caller guarantees ``offset_in_block + length <= block_size``."""
+        if not 0 <= block < self.nr_blocks:
+            raise InvalidArgument(f"block {block} is out of range ({self.nr_blocks} blocks)")
+        off = block * self.block_size + offset_in_block
+        try:
+            data = os.pread(self._fd, length, off)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot read {length} bytes at {off} from {self.path!r}") from exc
+        return data if len(data) == length else self._pread(off, length)
+
+    def write_in_block(self, block: int, offset_in_block: int, data) -> None:
+        """The hot path of small writes: ``data`` inside one block, one ``pwrite``.
+        The caller guarantees it fits in the block."""
+        if not 0 <= block < self.nr_blocks:
+            raise InvalidArgument(f"block {block} is out of range ({self.nr_blocks} blocks)")
+        if self.read_only:
+            self._check_writable("write")
+        off = block * self.block_size + offset_in_block
+        try:
+            n = os.pwrite(self._fd, data, off)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot write {len(data)} bytes at {off} to {self.path!r}") from exc
+        if n != len(data):
+            self._pwrite(off + n, memoryview(data).cast("B")[n:])
+
     def copy_blocks(self, src: int, dst: int, count: int) -> None:
         """Copy ``count`` blocks from ``src`` to ``dst`` inside the device.
 
