@@ -307,10 +307,9 @@ class Pool:
             raise
 
     def _size_guess(self, dev_id: int) -> int:
-        last = -1
-        for keys, _ in self._meta.mappings(dev_id):
-            last = int(keys[-1])
-        return (last + 1) * self.block_size
+        """A size for a device nobody named: up to its highest mapped block."""
+        last = self._meta.highest_mapped(dev_id)
+        return (0 if last is None else last + 1) * self.block_size
 
     # -- context manager ---------------------------------------------------------------------
     def __enter__(self) -> "Pool":

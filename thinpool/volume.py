@@ -184,8 +184,12 @@ class Volume:
                     continue
                 if v in shared_src:
                     dev.copy_blocks(shared_src[v], db, 1)
-                else:
-                    dev.zero_blocks(db, 1)
+                else:                 # zeros around the written part (cheaper than a punch)
+                    lo, hi = max(offset, v * bs) - v * bs, min(end, (v + 1) * bs) - v * bs
+                    if lo:
+                        dev.write_in_block(db, 0, bytes(lo))
+                    if hi < bs:
+                        dev.write_in_block(db, hi, bytes(bs - hi))
             for vb, db, n in _runs({v: (int(b), 0) for v, b in zip(fresh, new)}, 1 << 30):
                 lo = max(offset, vb * bs)
                 hi = min(end, (vb + n) * bs)

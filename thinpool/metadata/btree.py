@@ -225,6 +225,18 @@ class BTree:
                 continue
             stack.extend((c, depth + 1) for c in reversed(n.values[a:z].tolist()))
 
+    def last_key(self, root: int) -> int | None:
+        """The largest key in the tree, or None when it is empty: O(depth) node reads."""
+        b = root
+        for _ in range(MAX_DEPTH):
+            n = self.node_ro(b)
+            if not n.nr:
+                return None
+            if n.is_leaf:
+                return int(n.keys[n.nr - 1])
+            b = int(n.values[n.nr - 1])
+        raise _too_deep(root, b)
+
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, object]]:
         for keys, values in self.leaves(root, lo, hi):
             yield from zip(keys.tolist(), values.tolist() if values.dtype.names is None else values)

@@ -317,6 +317,10 @@ class ThinMetadata:
         """(virtual blocks, packed values) array pairs in order, for virtual blocks in [lo, hi)."""
         return self.mapping_tree.leaves(self._root(dev_id), lo, hi)
 
+    def highest_mapped(self, dev_id: int) -> int | None:
+        """The highest mapped virtual block of a device, or None: one walk down the right edge."""
+        return self.mapping_tree.last_key(self._root(dev_id))
+
     def is_shared(self, dev_id: int, time: int) -> bool:
         return self.devices[dev_id].snapshotted_time > time
 
