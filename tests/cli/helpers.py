@@ -47,3 +47,14 @@ def fingerprint(pool_dir: Path) -> dict[str, str]:
     """sha256 of every file in a pool directory (metadata, data, names.json, pool.json)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(pool_dir.iterdir()) if p.is_file()}
+
+
+def assert_one_line_error(r, code: int, *fragments: str) -> None:
+    """A failed command: the exit code, exactly one ``thinpool: ...`` line on stderr, no
+    traceback, and each fragment in that line."""
+    assert r.returncode == code, (r.returncode, getattr(r, "out", None), r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("thinpool: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in r.stderr, (f, r.stderr)

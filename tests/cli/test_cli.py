@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from thinpool import Pool
-from tests.cli.helpers import THINPOOL, clean_env, fingerprint, tp
+from tests.cli.helpers import THINPOOL, assert_one_line_error, clean_env, fingerprint, tp
 from tests.tptools import requires_tools, thin_check
 
 MiB = 1 << 20
@@ -38,13 +38,6 @@ def demo(home):
     return data
 
 
-def assert_one_line_error(r, code: int, *fragments: str) -> None:
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("thinpool: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for f in fragments:
-        assert f in r.stderr, (f, r.stderr)
 
 
 def check_metadata(pool_dir) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from thinpool import Pool
 from thinpool.metadata.walker import MetadataReader
-from tests.cli.helpers import fingerprint, tp
+from tests.cli.helpers import assert_one_line_error, fingerprint, tp
 from tests.tptools import (random_superblock, requires_tools, thin_check, thin_delta, thin_dump,
                            thin_ls, thin_restore, to_xml)
 
@@ -36,13 +36,6 @@ def sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def assert_one_line_error(r, code: int, *fragments: str) -> None:
-    assert r.returncode == code, (r.returncode, r.out, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("thinpool: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for f in fragments:
-        assert f in r.stderr, (f, r.stderr)
 
 
 def assert_thin_check_clean(path) -> None:
