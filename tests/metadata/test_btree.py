@@ -107,6 +107,24 @@ class MappingTrees(RuleBasedStateMachine):
         for key in self.fresh_keys(n, layout, dev):
             self.do_insert(dev, key)
 
+    @rule(which=st.integers(0, 3), n=st.sampled_from([2, 40, 300, 1500]),
+          layout=st.sampled_from(sorted(KEY_SPACES)), overwrite=st.floats(0.0, 1.0))
+    def insert_run(self, which: int, n: int, layout: str, overwrite: float) -> None:
+        """The batched insert: new keys mixed with mapped ones (overwrites), in one call."""
+        dev = self.pick_dev(which)
+        keys = set(self.fresh_keys(n, layout, dev))
+        mapped = sorted(self.model[dev])
+        keys.update(self.rng.sample(mapped, int(len(mapped) * overwrite) // 4))
+        keys = sorted(keys)
+        m = self.meta
+        blocks = [m.data_sm.alloc() for _ in keys]
+        before = m.device(dev).mapped_blocks
+        added = m.insert_run(dev, keys, blocks)
+        assert added == sum(k not in self.model[dev] for k in keys)
+        assert m.device(dev).mapped_blocks == before + added
+        for k, b in zip(keys, blocks):
+            self.model[dev][k] = (b, m.time)
+
     @rule(which=st.integers(0, 3), frac=st.floats(0.0, 1.0))
     def overwrite_some(self, which: int, frac: float) -> None:
         dev = self.pick_dev(which)
@@ -469,3 +487,58 @@ def test_separator_keys_follow_removed_first_keys(tmp_path) -> None:
     assert root.keys[: root.nr].tolist() == [int(c.keys[0]) for c in children]
     meta.close()
 
+
+
+@pytest.mark.parametrize("pattern", ["append", "interleave", "overwrite", "shared"])
+def test_insert_run_matches_one_by_one(tmp_path, pattern) -> None:
+    """insert_run against a dict, with a snapshot sharing the tree in the "shared" case: runs that
+    span many leaves, fill full leaves (the split fallback) and overwrite mapped keys."""
+    rng = random.Random(pattern)
+    meta = format_pool(tmp_path, 1 << 20, size=64 * (1 << 20))
+    meta.create_thin(0)
+    model: dict[int, tuple[int, int]] = {}
+    if pattern == "interleave":                     # every other key first: runs land between them
+        keys = list(range(0, 40_000, 2))
+        meta.insert_run(0, keys, [meta.data_sm.alloc() for _ in keys])
+        model.update({k: (v >> 24, 0) for k, v in read_raw(meta, 0).items()})
+    for step in range(60):
+        if pattern == "append":
+            start, n = step * 700, 700
+            keys = list(range(start, start + n))
+        elif pattern == "interleave":
+            start = rng.randrange(0, 39_000) | 1
+            keys = list(range(start, start + rng.choice([3, 300, 1500]), 2))
+        else:
+            start = rng.randrange(0, 20_000)
+            keys = sorted(set(start + rng.randrange(3000) for _ in range(rng.choice([2, 50, 800]))))
+        if pattern == "shared" and step % 15 == 0:
+            meta.create_snap(100 + step, 0)
+        blocks = [meta.data_sm.alloc() for _ in keys]
+        added = meta.insert_run(0, keys, blocks)
+        assert added == sum(k not in model for k in keys)
+        model.update({k: (b, meta.time) for k, b in zip(keys, blocks)})
+        if step % 20 == 19:
+            meta.commit()
+            full_check(meta, tools=TOOLS_AVAILABLE)
+        assert meta.device(0).mapped_blocks == len(model)
+    assert read_mappings(meta, 0) == model
+    for k in rng.sample(sorted(model), 200):
+        assert meta.lookup(0, k) == model[k]
+    meta.commit()
+    full_check(meta, tools=TOOLS_AVAILABLE)
+    meta.close()
+
+
+def read_raw(meta: ThinMetadata, dev: int) -> dict[int, int]:
+    return {k: v for ks, vs in meta.mappings(dev) for k, v in zip(ks.tolist(), vs.tolist())}
+
+
+def test_insert_run_refuses_unsorted_keys(tmp_path) -> None:
+    meta = format_pool(tmp_path)
+    meta.create_thin(0)
+    with pytest.raises(ValueError):
+        meta.insert_run(0, [5, 3], [1, 2])
+    with pytest.raises(ValueError):
+        meta.insert_run(0, [5, 5], [1, 2])
+    assert meta.device(0).mapped_blocks == 0
+    meta.close()

@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import CorruptBlock
+from ..errors import CorruptBlock, InvalidArgument
 from . import format as fmt
 from .block import NODE_VALIDATOR
 from .transaction import TransactionManager
@@ -281,6 +281,94 @@ class BTree:
             return root, old
         self._insert_at(n, i, key, value)
         return root, None
+
+    def insert_run(self, root: int, keys: np.ndarray, values: np.ndarray, *, callbacks: bool = True):
+        """Insert or overwrite many keys (strictly increasing) with one descent per leaf they
+        land in, instead of one per key. Returns (new_root, number of keys that were new, the
+        overwritten old values as an array).
+
+        The same tree results as from inserting the keys one by one in order, except for where
+        splits fall: each descent splits full nodes on its path exactly as :meth:`insert` does,
+        then merges as many of the following keys into the leaf as belong below it and fit."""
+        keys = np.asarray(keys, fmt.U64)
+        values = np.asarray(values, self.vt.dtype)
+        total = len(keys)
+        if total > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+            raise InvalidArgument("insert_run needs strictly increasing keys")
+        added = 0
+        olds = []
+        i = 0
+        while i < total:
+            key = int(keys[i])
+            n = self._shadow(root)
+            root = n.block
+            if self._full(n, key):
+                self._split_beneath(n)
+            hi = None                            # keys below this bound belong in this subtree
+            while not n.is_leaf:
+                j = n.lower(key)
+                if j < 0:
+                    j = 0
+                    n.keys[0] = key
+                child = self._shadow(int(n.values[j]))
+                n.values[j] = child.block
+                if j + 1 < n.nr:
+                    hi = int(n.keys[j + 1])
+                if self._full(child, key):
+                    right = self._split(child)
+                    sep = int(right.keys[0])
+                    self._insert_at(n, j + 1, sep, right.block)
+                    if key >= sep:
+                        child = right
+                    else:
+                        hi = sep
+                n = child
+            # The keys of this run that go into leaf n: below hi, and as many new ones as fit.
+            z = total if hi is None else i + int(np.searchsorted(keys[i:], np.uint64(hi), side="left"))
+            nr = n.nr
+            lk = n.keys[:nr]
+            chunk = keys[i:z]
+            pos = np.searchsorted(lk, chunk, side="left")
+            exists = pos < nr
+            exists[exists] = lk[pos[exists]] == chunk[exists]
+            room = n.max - nr
+            fresh_seen = np.cumsum(~exists)
+            if room < int(fresh_seen[-1]):       # take the longest prefix whose new keys fit
+                z = i + int(np.searchsorted(fresh_seen, room, side="right"))
+                if z == i:                       # leaf full and the first key new: split first
+                    root, old = self.insert(root, key, values[i], callbacks=callbacks)
+                    if old is None:
+                        added += 1
+                    else:
+                        olds.append(np.atleast_1d(old))
+                    i += 1
+                    continue
+                chunk, pos, exists = chunk[: z - i], pos[: z - i], exists[: z - i]
+            vals = values[i:z]
+            if exists.any():
+                at = pos[exists]
+                old = n.values[at].copy()
+                n.values[at] = vals[exists]
+                if callbacks:
+                    if self.vt.equal is not None:
+                        keep = np.array([not self.vt.equal(a, b) for a, b in zip(old, vals[exists])], bool)
+                        self.vt.dec(old[keep])
+                    else:
+                        self.vt.dec(old)
+                olds.append(old)
+            new = ~exists
+            k = int(new.sum())
+            if k:
+                merged_k = np.concatenate([lk, chunk[new]])
+                merged_v = np.concatenate([n.values[:nr], vals[new]])
+                order = np.argsort(merged_k, kind="stable")
+                n.keys[: nr + k] = merged_k[order]
+                n.values[: nr + k] = merged_v[order]
+                n.set_nr(nr + k)
+                added += k
+            i = z
+        old_all = np.concatenate(olds) if olds else np.zeros(0, self.vt.dtype)
+        return root, added, old_all
 
     @staticmethod
     def _insert_at(n: Node, i: int, key: int, value) -> None:

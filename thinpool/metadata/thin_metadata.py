@@ -344,6 +344,36 @@ class ThinMetadata:
             return None
         return fmt.unpack_mapping(int(old))
 
+    def insert_run(self, dev_id: int, vblocks, data_blocks) -> int:
+        """:meth:`insert` for many mappings at once (``vblocks`` strictly increasing): one tree
+        descent per leaf touched, not per mapping. Overwritten data blocks lose a reference.
+        Returns how many of the virtual blocks were unmapped before."""
+        self._writable()
+        dev = self.device(dev_id)
+        vb = np.asarray(vblocks, fmt.U64)
+        db = np.asarray(data_blocks, fmt.U64)
+        if len(vb) != len(db):
+            raise InvalidArgument("insert_run: vblocks and data_blocks differ in length")
+        if not len(vb):
+            return 0
+        self._own(dev_id)
+        root = self.roots[dev_id]
+        values = (db << np.uint64(24)) | np.uint64(self.time & fmt.TIME_MASK)
+        new_root, added, _ = self.mapping_tree.insert_run(root, vb, values)
+        if new_root != root:
+            self.roots[dev_id] = new_root
+            self._dirty_roots.add(dev_id)
+        cache = self._lcache.get(dev_id)
+        if cache is not None:
+            t = self.time
+            cache.update(zip(vb.tolist(), [(b, t) for b in db.tolist()]))
+            if len(cache) >= 1 << 16:
+                cache.clear()
+        if added:
+            dev.mapped_blocks += added
+            self._changed.add(dev_id)
+        return added
+
     def remove(self, dev_id: int, vblock: int) -> tuple[int, int] | None:
         """Unmap ``vblock``; its data block loses a reference. Returns the old mapping or None."""
         self._writable()
