@@ -19,6 +19,7 @@ Guarantees
   ``close`` must not race with other calls.
 * **Durability** is only promised after :meth:`sync` (``fdatasync``), except :meth:`create_file`
   and :meth:`grow`, which sync their size change (and the new directory entry) before returning.
+  :meth:`sync` skips the system call when nothing changed through this object since the last one.
 * **Zeroing vs. punching.** After :meth:`zero_blocks` the blocks read as zeros, guaranteed.
   :meth:`punch_blocks` only gives space back (for *free* blocks) and says whether it could; what the
   blocks read afterwards is unspecified on block devices (discard), zeros on files.
@@ -186,6 +187,10 @@ class DataDevice:
         self.is_block_device = is_block_device
         self.read_only = read_only
         self._copy_file_range_ok = True  # until the kernel refuses once (then pread/pwrite)
+        # Set by every call that changes the device, cleared by sync(): a sync with nothing
+        # written since the last one skips the fdatasync. True at first, so the first sync after
+        # an open always reaches the disk.
+        self._dirty = True
         self.size = 0
         self.nr_blocks = 0
         self._refresh_size()
@@ -284,11 +289,17 @@ class DataDevice:
                 f"{state}>")
 
     def sync(self) -> None:
-        """Make every completed write durable (``fdatasync``: data and the file size)."""
+        """Make every completed write durable (``fdatasync``: data and the file size). Free
+        when nothing was written, copied, zeroed or punched through this object since the last
+        sync (a commit that only changes metadata, such as a snapshot, pays no data sync)."""
         fd = self._live_fd()
+        if not self._dirty:
+            return
+        self._dirty = False       # before the call: a write racing with it marks it again
         try:
             os.fdatasync(fd)
         except OSError as exc:
+            self._dirty = True
             raise _os_error(exc, f"cannot sync {self.path!r}") from exc
 
     def grow(self, new_size_bytes: int) -> None:
@@ -381,14 +392,16 @@ class DataDevice:
     def read_in_block(self, block: int, offset_in_block: int, length: int) -> bytes:
         """The hot path of small reads: ``length`` bytes inside one block, one ``pread``.
         The caller guarantees ``offset_in_block + length <= block_size``."""
-        if not 0 <= block < self.nr_blocks:
+        if block >= self.nr_blocks or block < 0:
             raise InvalidArgument(f"block {block} is out of range ({self.nr_blocks} blocks)")
-        off = block * self.block_size + offset_in_block
         try:
-            data = os.pread(self._fd, length, off)
+            data = os.pread(self._fd, length, block * self.block_size + offset_in_block)
         except OSError as exc:
+            off = block * self.block_size + offset_in_block
             raise _os_error(exc, f"cannot read {length} bytes at {off} from {self.path!r}") from exc
-        return data if len(data) == length else self._pread(off, length)
+        if len(data) == length:
+            return data
+        return self._pread(block * self.block_size + offset_in_block, length)
 
     def write_in_block(self, block: int, offset_in_block: int, data) -> None:
         """The hot path of small writes: ``data`` inside one block, one ``pwrite``.
@@ -398,6 +411,7 @@ class DataDevice:
         if self.read_only:
             self._check_writable("write")
         off = block * self.block_size + offset_in_block
+        self._dirty = True
         try:
             n = os.pwrite(self._fd, data, off)
         except OSError as exc:
@@ -515,6 +529,7 @@ class DataDevice:
         return bytes(buf)
 
     def _pwrite(self, offset: int, view: memoryview) -> None:
+        self._dirty = True
         done = 0
         length = view.nbytes
         try:
@@ -541,6 +556,7 @@ class DataDevice:
         if copy_file_range is None:
             self._copy_file_range_ok = False
             return 0
+        self._dirty = True
         done = 0
         while done < length:
             try:
@@ -559,6 +575,7 @@ class DataDevice:
 
     def _release(self, offset: int, length: int, *, zero: bool) -> bool:
         """Punch a hole (file) or zero-out / discard (block device); False if unsupported."""
+        self._dirty = True
         try:
             if self.is_block_device:
                 request = BLKZEROOUT if zero else BLKDISCARD
