@@ -265,6 +265,42 @@ def test_interrupted_create_rolls_forward_or_back(tmp_path):
         assert any("rolled forward" in n for n in p.notes)
 
 
+def _snapshot_then_die(d: str) -> None:
+    """Child process: a snapshot, then death without close (the names file is left behind)."""
+    p = Pool.open(d)
+    p.snapshot("keep", "snap")
+    with open(os.path.join(d, "names.json")) as f:
+        assert json.load(f)["pending"]["name"] == "snap"     # finished in memory only
+    os._exit(0)
+
+
+def test_names_file_catches_up_at_close_or_at_the_next_open(tmp_path):
+    """The names file is not rewritten after each operation (the pending record and the
+    transaction id are enough): a clean close writes it, and after a death the next open rolls the
+    operation forward. Readers holding a metadata snapshot see every name made before it."""
+    d = tmp_path / "p"
+    with Pool.create(d, data_size=4 * MiB) as p:
+        p.create_thin("keep", MiB)
+        p.snapshot("keep", "s1")
+        p.reserve_metadata_snap()
+        doc = json.loads((d / "names.json").read_text())
+        assert doc["pending"] is None and sorted(doc["volumes"]) == ["keep", "s1"]
+        p.release_metadata_snap()
+        p.delete("s1")
+    doc = json.loads((d / "names.json").read_text())
+    assert doc["pending"] is None and sorted(doc["volumes"]) == ["keep"]
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_snapshot_then_die, args=(str(d),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    with Pool.open(d) as p:
+        assert p.volumes() == ["keep", "snap"]
+        assert p.stat().volumes[1].origin == "keep"
+        assert any("rolled forward" in n for n in p.notes)
+    assert json.loads((d / "names.json").read_text())["pending"] is None
+
+
 # -- durability ------------------------------------------------------------------------------
 def test_uncommitted_changes_are_dropped_and_committed_ones_kept(tmp_path):
     d = tmp_path / "p"

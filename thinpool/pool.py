@@ -147,6 +147,7 @@ class Pool:
         self._meta: ThinMetadata | None = None
         self._data: DataDevice | None = None
         self._lock: _Lock | None = None
+        self._registry: Registry | None = None
         self._volumes: dict[str, Volume] = {}
         self.notes: list[str] = []
         self.options = PoolOptions()
@@ -323,7 +324,11 @@ class Pool:
             self.close()
 
     def close(self) -> None:
-        self._close_parts()
+        try:
+            if self._registry is not None and self._meta is not None and not self.read_only:
+                self._registry.flush()
+        finally:
+            self._close_parts()
 
     def _close_parts(self) -> None:
         if self._data is not None:
@@ -457,7 +462,7 @@ class Pool:
             finally:
                 self._registry.cancel()
             raise
-        self._registry.finish()
+        self._registry.finish(durable=False)     # the begin record + trans id already tell
 
     def create_thin(self, name: str, size: int) -> Volume:
         """A new, empty thin volume of ``size`` bytes (may exceed the pool)."""
@@ -594,6 +599,8 @@ class Pool:
             self._check_writable()
             if self._data is not None:
                 self._data.sync()
+            if self._registry is not None:
+                self._registry.flush()     # readers of the held snapshot take names from it
             return self._meta.reserve_metadata_snap()
 
     def release_metadata_snap(self) -> None:

@@ -11,6 +11,13 @@ A change to the set of devices is a two-phase operation tied to the pool's trans
 2. the metadata commits the change together with that transaction id;
 3. ``finish()`` applies the operation to the names and clears it.
 
+Step 3 need not reach the disk at once: the file written in step 1, together with the metadata's
+transaction id, already says how the operation ended. So :class:`~thinpool.pool.Pool` finishes in
+memory only (``finish(durable=False)``) and the file catches up with the next ``begin``, at
+:meth:`Registry.flush` (the pool's close, a held metadata snapshot) or, after a crash, at the
+next open's reconcile. That saves two of a snapshot's five fsyncs. Only the holder of the pool's
+exclusive lock reads the file in between, and it has the names in memory.
+
 :meth:`Registry.reconcile` runs at every open: a pending operation whose transaction id the
 metadata reached is rolled forward, any other is rolled back. So an interrupted create, snapshot or
 delete is never left half done. Names whose device is missing from the metadata are dropped and
@@ -52,6 +59,8 @@ class Registry:
     transaction_id: int = 0
     volumes: dict[str, Entry] = field(default_factory=dict)
     pending: dict | None = None
+    #: The file lags behind memory: an operation was finished without being written.
+    stale: bool = field(default=False, compare=False, repr=False)
 
     # -- persistence -------------------------------------------------------------------------
     @classmethod
@@ -94,6 +103,12 @@ class Registry:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        self.stale = False
+
+    def flush(self) -> None:
+        """Write the names if an operation was finished in memory only."""
+        if self.stale:
+            self.save()
 
     # -- queries -----------------------------------------------------------------------------
     def by_id(self) -> dict[int, str]:
@@ -106,10 +121,16 @@ class Registry:
                         "transaction_id": transaction_id, "origin": origin}
         self.save()
 
-    def finish(self) -> None:
+    def finish(self, durable: bool = True) -> None:
+        """Apply the pending operation (its metadata transaction has committed). With
+        ``durable=False`` only in memory: the file keeps the pending record, which the next
+        save, :meth:`flush` or a reconcile after a crash resolves the same way."""
         self._apply(self.pending)
         self.pending = None
-        self.save()
+        if durable:
+            self.save()
+        else:
+            self.stale = self.path is not None
 
     def cancel(self) -> None:
         self.pending = None

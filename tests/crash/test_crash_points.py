@@ -145,3 +145,30 @@ def test_crash_points(tmp_path, mode):
             check_crash(tmp_path, initial, events, hist, k, mode, rng, f"seed {mode}-{seed}: ")
             done += 1
     assert done >= per_mode
+
+
+def test_flushes_per_operation(tmp_path):
+    """What each operation makes durable, counted on the real system calls: a snapshot flushes
+    the metadata and the names file's pending record but not the data (nothing was written to
+    it); a flush after a write does flush the data; the names file catches up at close."""
+    d = tmp_path / "p"
+    with Pool.create(d, data_size=4 << 20) as p:
+        vol = p.create_thin("v", 1 << 20)
+        vol.write(0, b"x" * 4096)
+        p.commit()
+        with Recorder(d) as rec:
+            p.snapshot("v", "s")
+        flushed = [e.file for e in rec.events if e.kind == "flush"]
+        assert "data" not in flushed
+        assert "metadata" in flushed
+        assert sum(e.kind == "replace" and e.file == "names.json" for e in rec.events) == 1
+        with Recorder(d) as rec:
+            p.volume("s").write(4096, b"y" * 10)
+            p.commit()
+        assert "data" in [e.file for e in rec.events if e.kind == "flush"]
+        with Recorder(d) as rec:
+            p.commit()                       # nothing new: no flush of the data
+        assert "data" not in [e.file for e in rec.events if e.kind == "flush"]
+    with Pool.open(d) as p:
+        assert p.volumes() == ["v", "s"] and not p.notes
+        assert p.volume("s").read(4096, 10) == b"y" * 10
