@@ -140,3 +140,15 @@ def test_wrong_location_is_reported() -> None:
     assert not isinstance(exc.value, ChecksumMismatch)
     assert exc.value.block == 6 and exc.value.check == "wrong location"
     assert "5" in exc.value.detail
+
+
+def test_the_crc_comes_without_the_crc32c_packages_start_up_imports() -> None:
+    """The C function is loaded on its own (the package's __init__ costs ~20 ms of every
+    command's start-up) and is the real CRC-32C (the standard check value of "123456789")."""
+    import subprocess
+    import sys
+    code = ("import sys; from thinpool.metadata import checksum as c; "
+            "print(hex(c._std_crc32c(b'123456789')), 'importlib.metadata' in sys.modules, "
+            "'argparse' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0xe3069283", "False", "False"]

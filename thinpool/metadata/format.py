@@ -58,6 +58,10 @@ INTERNAL_NODE = 1
 LEAF_NODE = 2
 NODE_HEADER = struct.Struct("<IIQIIII")
 assert NODE_HEADER.size == 32
+#: The same header as a numpy record the size of a whole block, for arrays of nodes.
+NODE_BLOCK_DTYPE = np.dtype({"names": ["csum", "flags", "blocknr", "nr_entries", "max_entries", "value_size"],
+                             "formats": ["<u4", "<u4", "<u8", "<u4", "<u4", "<u4"],
+                             "offsets": [0, 4, 8, 16, 20, 24], "itemsize": BLOCK_SIZE})
 
 # Space maps.
 ENTRIES_PER_BITMAP = (BLOCK_SIZE - 16) * 4          # 16320 two-bit entries

@@ -7,7 +7,7 @@ The intermediate form is a stream of events (superblock, device, mapping runs) p
 
 A run is a maximal stretch of consecutive virtual blocks mapped to consecutive data blocks with
 the same time; it is computed with numpy over whole devices, not block by block.
-Costs: O(mappings) with O(leaves) Python steps plus one formatted line per run.
+Costs: O(mappings) in numpy passes (the XML lines too, see :mod:`.lines`), O(devices) Python steps.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import MetadataError, NotFound
 from ..metadata import format as fmt
 from ..metadata.walker import MetadataReader
+from .lines import format_lines
 
 
 class DumpEmitter(Protocol):
@@ -81,6 +82,16 @@ def dump(reader: MetadataReader, out: DumpEmitter, dev_ids: list[int] | None = N
     out.end()
 
 
+#: thin_dump's two mapping lines: a single block (length 1), and a range.
+_RUN_LINES = (
+    ('    <single_mapping origin_block="', 0, '" data_block="', 1, '" time="', 3, '"/>\n'),
+    ('    <range_mapping origin_begin="', 0, '" data_begin="', 1, '" length="', 2, '" time="', 3, '"/>\n'),
+)
+
+#: Mapping lines formatted and written at a time (about 7 MiB of scratch space).
+_LINES_PER_WRITE = 1 << 16
+
+
 class XmlEmitter:
     """thin_dump 0.9.0's XML."""
 
@@ -98,16 +109,11 @@ class XmlEmitter:
                f'snap_time="{d["snap_time"]}">\n')
 
     def runs(self, begin, data, length, time) -> None:
-        lines = []
-        for b, d, n, t in zip(begin.tolist(), data.tolist(), length.tolist(), time.tolist()):
-            if n == 1:
-                lines.append(f'    <single_mapping origin_block="{b}" data_block="{d}" time="{t}"/>\n')
-            else:
-                lines.append(f'    <range_mapping origin_begin="{b}" data_begin="{d}" length="{n}" time="{t}"/>\n')
-            if len(lines) >= 4096:
-                self.w("".join(lines))
-                lines.clear()
-        self.w("".join(lines))
+        kinds = (np.asarray(length) != 1).astype(np.int64)
+        for a in range(0, len(begin), _LINES_PER_WRITE):     # bounded memory: a chunk at a time
+            z = a + _LINES_PER_WRITE
+            text = format_lines(_RUN_LINES, (begin[a:z], data[a:z], length[a:z], time[a:z]), kinds[a:z])
+            self.w(text.decode("ascii"))
 
     def end_device(self) -> None:
         self.w("  </device>\n")
