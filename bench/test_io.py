@@ -50,6 +50,9 @@ RANDOM_OPS = 10_000
 UNPROV_SIZE = 64 * GiB             # virtual size of the empty volume of the unprovisioned writes
 UNPROV_OPS = 5_000
 RANDOM_ROUNDS = 5
+#: Rounds of the in-process loops over provisioned blocks (2a, 3a): a round takes 30-300 ms, and
+#: on a shared machine a few rounds of one side can all fall in a slow spell, so more of them.
+LOOP_ROUNDS = 21
 
 SEQ_RAW = "1a. sequential write 1 GiB in 1 MiB writes + flush vs raw file + fsync"
 SEQ_QEMU = "1b. sequential write 1 GiB in 1 MiB writes + flush vs qemu-io qcow2"
@@ -236,7 +239,7 @@ def test_randwrite_provisioned_thinpool(benchmark, filled):
             vol.write(off, PAYLOAD_4K)
 
     # Each round starts from committed metadata and clean pages.
-    benchmark.pedantic(loop, setup=vol.flush, rounds=RANDOM_ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(loop, setup=vol.flush, rounds=LOOP_ROUNDS, warmup_rounds=1)
     assert vol.mapped_blocks == FILLED_SIZE // BLOCK
 
 
@@ -249,7 +252,7 @@ def test_randwrite_provisioned_raw(benchmark, filled):
         for off in RANDOM_OFFSETS:
             os.pwrite(fd, PAYLOAD_4K, off)
 
-    benchmark.pedantic(loop, setup=lambda: os.fsync(fd), rounds=RANDOM_ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(loop, setup=lambda: os.fsync(fd), rounds=LOOP_ROUNDS, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="2 random write, provisioned")
@@ -286,7 +289,7 @@ def test_randread_thinpool(benchmark, filled):
         for off in READ_OFFSETS:
             vol.read(off, KiB4)
 
-    benchmark.pedantic(loop, rounds=RANDOM_ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(loop, rounds=LOOP_ROUNDS, warmup_rounds=1)
     assert len(vol.read(READ_OFFSETS[0], KiB4)) == KiB4
 
 
@@ -300,7 +303,7 @@ def test_randread_raw(benchmark, filled):
         for off in READ_OFFSETS:
             os.pread(fd, KiB4, off)
 
-    benchmark.pedantic(loop, rounds=RANDOM_ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(loop, rounds=LOOP_ROUNDS, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="3 random read")

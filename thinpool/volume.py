@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidArgument, NoDataSpace, OutOfRange
+from .errors import InvalidArgument, NoDataSpace, OutOfRange, ThinpoolError
 from .metadata import format as fmt
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class Volume:
         self.name = name
         self.dev_id = dev_id
         self.size = size
+        self._bs = pool.block_size
 
     def __repr__(self) -> str:
         return f"Volume({self.name!r}, dev_id={self.dev_id}, size={self.size})"
@@ -67,26 +68,30 @@ class Volume:
 
     # -- read --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
+        # The hot path, without the pool's lock: a request inside one block whose mapping the
+        # metadata's lookup cache holds is one pread. The block could only have been handed to
+        # another volume after a commit, abort or close, each of which moves the metadata's
+        # generation: the bytes are returned only if it did not move meanwhile.
         pool = self.pool
-        lock = pool._mutex
-        lock.acquire()           # (cheaper than a with statement on this, the hottest path)
-        try:
-            # A request inside one block whose mapping the metadata's lookup cache holds: one
-            # pread (see _fast_block, which the write path uses).
-            meta = pool._meta
-            if (meta is not None and type(offset) is int and type(length) is int
-                    and offset >= 0 and length > 0 and offset + length <= self.size):
-                bs = pool.block_size
-                vb = offset // bs
-                rel = offset - vb * bs
-                if rel + length <= bs:
-                    m = meta._lcache.get(self.dev_id, _NO_CACHE).get(vb, _MISS)
-                    if m is None:
-                        return bytes(length)
-                    if m is not _MISS:
-                        return pool._data.read_in_block(m[0], rel, length)
-        finally:
-            lock.release()
+        meta = pool._meta
+        if (meta is not None and type(offset) is int and type(length) is int
+                and offset >= 0 and length > 0 and offset + length <= self.size):
+            gen = meta.generation
+            bs = self._bs
+            vb = offset // bs
+            rel = offset - vb * bs
+            if rel + length <= bs:
+                m = meta._lcache.get(self.dev_id, _NO_CACHE).get(vb, _MISS)
+                if m is None:
+                    return bytes(length)
+                dev = pool._data
+                if m is not _MISS and dev is not None:
+                    try:
+                        data = dev.read_in_block(m[0], rel, length)
+                    except ThinpoolError:
+                        data = None                # the locked path below says what is wrong
+                    if data is not None and meta.generation == gen and pool._meta is meta:
+                        return data
         with pool._guard():
             return self._read(offset, length)
 

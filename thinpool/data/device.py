@@ -188,9 +188,9 @@ class DataDevice:
         self.read_only = read_only
         self._copy_file_range_ok = True  # until the kernel refuses once (then pread/pwrite)
         # Set by every call that changes the device, cleared by sync(): a sync with nothing
-        # written since the last one skips the fdatasync. True at first, so the first sync after
-        # an open always reaches the disk.
-        self._dirty = True
+        # written through this object since the last one skips the fdatasync (what an earlier
+        # opener wrote was its own to sync).
+        self._dirty = False
         self.size = 0
         self.nr_blocks = 0
         self._refresh_size()

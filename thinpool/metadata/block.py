@@ -9,7 +9,7 @@ Contract:
   a hit.
 * ``write_many(blocks)`` seals each block through its validator (fills ``blocknr``, computes the
   checksum last) and writes them in ascending order, coalescing neighbours into one ``pwritev``.
-  ``flush()`` makes every write before it durable (``fsync``).
+  ``flush()`` makes every write before it durable (``fdatasync``).
 * ``read_nodes(blocks)`` is the bulk path of read-only walkers: many B-tree nodes as one numpy
   array, one ``preadv`` per run of neighbouring blocks, every node checked in vectorised passes
   (one CRC call per block). It answers None instead of naming a bad block: the caller then reads
@@ -248,8 +248,11 @@ class BlockManager:
         os.fsync(self._fd)
 
     def flush(self) -> None:
+        # fdatasync: the blocks and whatever the file system needs to read them back (a sparse
+        # file's new extents); not the modification time, whose journal commit an fsync would
+        # add to every metadata commit.
         if not self.read_only:
-            os.fsync(self._fd)
+            os.fdatasync(self._fd)
 
     def refresh_size(self) -> int:
         """Re-read the device size (after the file was grown); returns the block count."""

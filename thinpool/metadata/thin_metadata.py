@@ -180,6 +180,11 @@ class ThinMetadata:
     def _reset_changes(self) -> None:
         if not hasattr(self, "_lcache"):
             self._lcache: dict[int, dict[int, tuple[int, int] | None]] = {}
+        # Counts loads, commits, aborts and the close. A data block freed by this object can be
+        # handed out again only after one of them, so a reader that saw the same generation
+        # before it looked a mapping up and after it read the block read no one else's data
+        # (Volume.read's lock-free path relies on it).
+        self.generation = getattr(self, "generation", 0) + 1
         self._committed_snap = self.sb.metadata_snap
         self._owned: set[int] = set()
         self._dirty_roots: set[int] = set()
@@ -187,6 +192,7 @@ class ThinMetadata:
         self._deleted: set[int] = set()
 
     def close(self) -> None:
+        self.generation += 1
         self.bm.close()
 
     # -- properties --------------------------------------------------------------------------
