@@ -162,7 +162,9 @@ class Volume:
         bs = pool.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         meta = pool._meta
-        maps = self._map(first, last)
+        # The block before the write too, in the same walk: new blocks go right after its data
+        # block when it has one (sequential writes stay contiguous on the data device).
+        maps = self._map(max(first - 1, 0), last)
         in_place: dict[int, int] = {}
         fresh: list[int] = []          # virtual blocks that need a new data block
         shared_src: dict[int, int] = {}
@@ -179,9 +181,7 @@ class Volume:
         dev = pool._data
         new = np.zeros(0, np.int64)
         if fresh:   # allocate first: running out of space must change nothing
-            prev = None
-            if fresh[0] > 0:
-                prev = maps.get(fresh[0] - 1) or meta.lookup(self.dev_id, fresh[0] - 1)
+            prev = maps.get(fresh[0] - 1)           # (maps covers first - 1 .. last)
             new = pool._allocate(len(fresh), None if prev is None else prev[0] + 1)
             if new is None:
                 return False
@@ -201,12 +201,9 @@ class Volume:
                     continue
                 if v in shared_src:
                     dev.copy_blocks(shared_src[v], db, 1)
-                else:                 # zeros around the written part (cheaper than a punch)
+                else:                 # zeros around the written part, unless a hole already
                     lo, hi = max(offset, v * bs) - v * bs, min(end, (v + 1) * bs) - v * bs
-                    if lo:
-                        dev.write_in_block(db, 0, bytes(lo))
-                    if hi < bs:
-                        dev.write_in_block(db, hi, bytes(bs - hi))
+                    dev.zero_around(db, lo, hi)
             for vb, db, n in _runs({v: (int(b), 0) for v, b in zip(fresh, new)}, 1 << 30):
                 lo = max(offset, vb * bs)
                 hi = min(end, (vb + n) * bs)

@@ -305,6 +305,50 @@ def test_punch_blocks_unsupported_returns_false(dev, monkeypatch, code):
 # --- copy -------------------------------------------------------------------------------------
 
 
+def test_zero_around_a_hole_writes_nothing(tmp_path):
+    """A block that is a hole already reads as zeros: only the caller's own write lands (one
+    4 KiB page of the 64 KiB block gets space; zeros written around it would take all 64)."""
+    big = 64 * 1024
+    path = tmp_path / "big"
+    with DataDevice.create_file(path, 8 * big, block_size=big) as d:
+        d.zero_around(5, 100, 200)
+        d.write(5, 100, b"x" * 100)
+        d.sync()
+        assert d.read_blocks(5, 1) == bytes(100) + b"x" * 100 + bytes(big - 200)
+    assert 0 < allocated(path) < big
+
+
+def test_zero_around_stale_bytes(dev):
+    """A block holding old bytes (an aborted transaction's, say) gets zeros around the range."""
+    old = fill(dev)
+    dev.zero_around(7, 1000, 3000)
+    got = dev.read_blocks(7, 1)
+    assert got[:1000] == bytes(1000) and got[3000:] == bytes(BS - 3000)
+    assert got[1000:3000] == old[7 * BS + 1000: 7 * BS + 3000]      # the caller writes this
+    assert dev.read_blocks(6, 1) == old[6 * BS: 7 * BS]             # neighbours untouched
+    assert dev.read_blocks(8, 1) == old[8 * BS: 9 * BS]
+    dev.zero_around(9, 0, BS)                                       # whole block: no-op
+    assert dev.read_blocks(9, 1) == old[9 * BS: 10 * BS]
+
+
+@pytest.mark.parametrize("lo, hi", [(-1, 10), (10, 5), (0, BS + 1)])
+def test_zero_around_bad_range(dev, lo, hi):
+    with pytest.raises(InvalidArgument):
+        dev.zero_around(1, lo, hi)
+
+
+def test_zero_around_on_a_block_device(loop):
+    devpath, backing = loop
+    with open(backing, "r+b") as f:
+        f.write(b"\xee" * (4 * BS))
+        f.flush()
+        os.fsync(f.fileno())
+    with DataDevice.open(devpath, BS) as d:
+        d.zero_around(2, 10, 20)
+        got = d.read_blocks(2, 1)
+        assert got[:10] == bytes(10) and got[20:] == bytes(BS - 20) and got[10:20] == b"\xee" * 10
+
+
 def test_copy_blocks(dev):
     data = fill(dev, seed=11)
     dev.copy_blocks(0, 40, 8)

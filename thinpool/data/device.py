@@ -419,6 +419,33 @@ class DataDevice:
         if n != len(data):
             self._pwrite(off + n, memoryview(data).cast("B")[n:])
 
+    def zero_around(self, block: int, lo: int, hi: int) -> None:
+        """Make bytes [0, lo) and [hi, block_size) of ``block`` read as zeros (the caller is
+        about to write [lo, hi) of a newly allocated block).
+
+        Nothing to do when the block is a hole of a file (``SEEK_DATA`` finds no data in it):
+        blocks freed by a commit are punched, and a fresh pool's blocks were never written, so
+        that is the common case and costs one ``lseek``. Otherwise (a block device, stale bytes
+        left by an aborted transaction, a file system without ``SEEK_DATA``) zeros are written."""
+        offset = self._sub_block(block, 0, self.block_size)
+        if not 0 <= lo <= hi <= self.block_size:
+            raise InvalidArgument(f"zero_around({lo}, {hi}) outside a {self.block_size}-byte block")
+        self._check_writable("zero")
+        if lo == 0 and hi == self.block_size:
+            return
+        if not self.is_block_device:
+            try:
+                if os.lseek(self._fd, offset, os.SEEK_DATA) >= offset + self.block_size:
+                    return
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:      # no data at or after it: a hole to the end
+                    return
+                # (EINVAL and the like: no SEEK_DATA here; write the zeros)
+        if lo:
+            self._write_zeros(offset, lo)
+        if hi < self.block_size:
+            self._write_zeros(offset + hi, self.block_size - hi)
+
     def copy_blocks(self, src: int, dst: int, count: int) -> None:
         """Copy ``count`` blocks from ``src`` to ``dst`` inside the device.
 

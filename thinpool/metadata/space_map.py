@@ -148,17 +148,21 @@ class SpaceMap:
 
     # -- allocation --------------------------------------------------------------------------
     def _free_chunks(self, start: int, chunk: int):
-        """Arrays of allocatable blocks, scanning from ``start`` to the end, then from 0 to ``start``."""
+        """Arrays of allocatable blocks, scanning from ``start`` to the end, then from 0 to ``start``,
+        in windows that start small (a request for one block near a free one looks at 512 blocks,
+        not ``chunk``) and grow fourfold up to ``chunk``."""
         n = self.nr_blocks
         start = start if 0 <= start < n else 0
         for lo, hi in ((start, n), (0, start)):
             pos = lo
+            step = min(chunk, 512)
             while pos < hi:
-                end = min(hi, pos + chunk)
+                end = min(hi, pos + step)
                 free = np.flatnonzero((self.counts[pos:end] == 0) & (self.committed[pos:end] == 0))
                 if len(free):
                     yield free + pos
                 pos = end
+                step = min(chunk, step * 4)
 
     def _no_space(self, detail: str):
         err = NoMetadataSpace if self.kind == "metadata" else NoDataSpace
