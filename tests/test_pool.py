@@ -431,3 +431,21 @@ def test_opens_random_thin_restore_metadata_and_writes_to_it(tmp_path, seed):
     for dev, xd in sb.devices.items():
         if dev != (min(sb.devices) if sb.devices else None):
             assert again.devices[dev].mappings == xd.mappings
+
+
+def test_small_writes_leave_their_blocks_on_the_fast_path(tmp_path):
+    """A small write into a new block maps it (and its neighbour) in the metadata's lookup cache,
+    so the next small request there is served without a tree walk or the pool's lock: the
+    cache must hold exactly what the tree says, mapped and unmapped alike."""
+    with Pool.create(tmp_path / "p", data_size=16 * MiB) as p:
+        vol = p.create_thin("v", 8 * MiB)
+        bs = p.block_size
+        for vb in (3, 9, 10):
+            vol.write(vb * bs + 100, b"x" * 4096)
+        cache = p._meta._lcache[vol.dev_id]
+        truth = {v: (d, t) for v, d, t in vol.mappings()}
+        for vb in (2, 3, 8, 9, 10):
+            assert vb in cache and cache[vb] == truth.get(vb)
+            assert vol._fast_block(vb * bs + 100, 4096) is not None
+        vol.write(9 * bs + 100, b"y" * 10)            # in place, through the fast path
+        assert vol.read(9 * bs + 100, 12) == b"y" * 10 + b"xx"

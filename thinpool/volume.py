@@ -59,12 +59,7 @@ class Volume:
         if first == last:                       # one block: a plain lookup is cheapest
             m = meta.lookup(self.dev_id, first)
             return {} if m is None else {first: m}
-        out: dict[int, tuple[int, int]] = {}
-        for keys, vals in meta.mappings(self.dev_id, first, last + 1):
-            blocks = (vals >> np.uint64(24)).tolist()
-            times = (vals & np.uint64(fmt.TIME_MASK)).tolist()
-            out.update(zip(keys.tolist(), zip(blocks, times)))
-        return out
+        return meta.lookup_range(self.dev_id, first, last)
 
     # -- read --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:

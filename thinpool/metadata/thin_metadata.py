@@ -319,6 +319,25 @@ class ThinMetadata:
         cache[vblock] = m
         return m
 
+    def lookup_range(self, dev_id: int, lo: int, hi: int) -> dict[int, tuple[int, int]]:
+        """Mappings of virtual blocks [lo, hi] as {vblock: (data block, time)}, in one walk. For
+        short ranges (up to 64 blocks) every answer, unmapped ones too, goes into the lookup cache
+        as :meth:`lookup` would put it, so the next small request there needs no walk."""
+        out: dict[int, tuple[int, int]] = {}
+        for keys, vals in self.mappings(dev_id, lo, hi + 1):
+            blocks = (vals >> np.uint64(fmt.TIME_BITS)).tolist()
+            times = (vals & np.uint64(fmt.TIME_MASK)).tolist()
+            out.update(zip(keys.tolist(), zip(blocks, times)))
+        if hi - lo < 64:
+            cache = self._lcache.get(dev_id)
+            if cache is None:
+                cache = self._lcache[dev_id] = {}
+            elif len(cache) >= 1 << 16:
+                cache.clear()
+            for vb in range(lo, hi + 1):
+                cache[vb] = out.get(vb)
+        return out
+
     def mappings(self, dev_id: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(virtual blocks, packed values) array pairs in order, for virtual blocks in [lo, hi)."""
         return self.mapping_tree.leaves(self._root(dev_id), lo, hi)
