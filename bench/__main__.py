@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,10 @@ def build_rows(raw: dict) -> list[dict]:
         for tagged in b.get("extra_info", {}).get("rows", []):
             row = rows.setdefault(tagged["workload"], {"workload": tagged["workload"]})
             stats = b["stats"]
+            if tagged.get("times"):       # a side timed in alternation with the other one
+                t = tagged["times"]
+                stats = {"median": statistics.median(t), "min": min(t), "mean": statistics.mean(t),
+                         "rounds": len(t)}
             row[tagged["side"]] = {
                 "label": tagged["label"], "unit": tagged["unit"],
                 "figure": figure(tagged, stats), "test": b["name"],

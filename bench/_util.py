@@ -23,7 +23,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -38,18 +38,22 @@ _TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 def tag(benchmark, workload: str, side: str, unit: str, *, label: str, amount: float | None = None,
         value: float | None = None, target: str | None = None, target_ratio: float | None = None,
-        target_max: float | None = None) -> None:
+        target_max: float | None = None, times: list[float] | None = None) -> None:
     """Put this benchmark in table row ``workload`` as its ``side`` ("thinpool" or "baseline").
 
     ``label`` names what ran ("thinpool Volume.write", "os.pwrite", "qemu-io qcow2 64K"...).
     The thinpool side may carry the target: ``target`` (text as the issue words it) and either
     ``target_ratio`` (the ratio, > 1 meaning thinpool is better, must be at least this) or
-    ``target_max`` (thinpool's own figure must stay below this, in ``unit``)."""
+    ``target_max`` (thinpool's own figure must stay below this, in ``unit``).
+
+    ``times``: the side's round times in seconds when this benchmark timed them itself (see
+    :func:`alternate`); the runner then takes the figure from them instead of the benchmark's
+    own statistics."""
     if side not in ("thinpool", "baseline"):
         raise ValueError(f"side must be 'thinpool' or 'baseline', not {side!r}")
     row = {"workload": workload, "side": side, "unit": unit, "label": label}
     for key, val in (("amount", amount), ("value", value), ("target", target),
-                     ("target_ratio", target_ratio), ("target_max", target_max)):
+                     ("target_ratio", target_ratio), ("target_max", target_max), ("times", times)):
         if val is not None:
             row[key] = val
     info = benchmark.extra_info
@@ -59,6 +63,24 @@ def tag(benchmark, workload: str, side: str, unit: str, *, label: str, amount: f
         info.update({k: row[k] for k in ("workload", "side", "unit", "label")})
         if target is not None:
             info["target"] = target
+
+
+def alternate(baseline: Callable[[], float], setup: Callable[[], object] | None = None):
+    """Interleave a baseline with thinpool's rounds: returns ``(setup, times)`` for
+    ``benchmark.pedantic(..., setup=setup)``. Before each thinpool round (warm-up rounds
+    included) the setup runs one baseline round, ``baseline()``, which returns the seconds its
+    measured part took, appends that to ``times``, then runs ``setup`` (thinpool's own).
+
+    Why: on a shared machine the disk and the CPU change speed over seconds to minutes; with all
+    of one side's rounds first, a slow spell lands on one side only. Side by side, round after
+    round, both meet the same spells. Tag the baseline with ``times[warmup_rounds:]``."""
+    times: list[float] = []
+
+    def wrapped():
+        times.append(baseline())
+        return setup() if setup is not None else None
+
+    return wrapped, times
 
 
 def set_value(benchmark, value: float) -> None:

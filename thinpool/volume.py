@@ -39,6 +39,7 @@ class Volume:
         self.dev_id = dev_id
         self.size = size
         self._bs = pool.block_size
+        self._hot: tuple | None = None      # read's lock-free state (see read)
 
     def __repr__(self) -> str:
         return f"Volume({self.name!r}, dev_id={self.dev_id}, size={self.size})"
@@ -66,29 +67,33 @@ class Volume:
         # The hot path, without the pool's lock: a request inside one block whose mapping the
         # metadata's lookup cache holds is one pread. The block could only have been handed to
         # another volume after a commit, abort or close, each of which moves the metadata's
-        # generation: the bytes are returned only if it did not move meanwhile.
+        # generation: the bytes are returned only if it did not move meanwhile. What the path
+        # needs is kept in _hot, valid while the generation is the one it was taken at.
+        hot = self._hot
+        if hot is not None and type(offset) is int and type(length) is int:
+            meta, gen, cache, dev, bs = hot
+            if meta.generation == gen and offset >= 0 and length > 0 and offset + length <= self.size:
+                vb = offset // bs
+                rel = offset - vb * bs
+                if rel + length <= bs:
+                    m = cache.get(vb, _MISS)
+                    if m is None:
+                        return bytes(length)
+                    if m is not _MISS:
+                        try:
+                            data = dev.read_in_block(m[0], rel, length)
+                        except ThinpoolError:
+                            data = None            # the locked path below says what is wrong
+                        if data is not None and meta.generation == gen:
+                            return data
         pool = self.pool
-        meta = pool._meta
-        if (meta is not None and type(offset) is int and type(length) is int
-                and offset >= 0 and length > 0 and offset + length <= self.size):
-            gen = meta.generation
-            bs = self._bs
-            vb = offset // bs
-            rel = offset - vb * bs
-            if rel + length <= bs:
-                m = meta._lcache.get(self.dev_id, _NO_CACHE).get(vb, _MISS)
-                if m is None:
-                    return bytes(length)
-                dev = pool._data
-                if m is not _MISS and dev is not None:
-                    try:
-                        data = dev.read_in_block(m[0], rel, length)
-                    except ThinpoolError:
-                        data = None                # the locked path below says what is wrong
-                    if data is not None and meta.generation == gen and pool._meta is meta:
-                        return data
         with pool._guard():
-            return self._read(offset, length)
+            data = self._read(offset, length)
+            meta = pool._meta
+            cache = meta._lcache.get(self.dev_id) if meta is not None else None
+            self._hot = None if cache is None or pool._data is None else (
+                meta, meta.generation, cache, pool._data, self._bs)
+            return data
 
     def _fast_block(self, offset, length):
         """(cached mapping, vblock) when the request lies inside one block whose mapping the
