@@ -326,6 +326,15 @@ class BTree:
             # The keys of this run that go into leaf n: below hi, and as many new ones as fit.
             z = total if hi is None else i + int(np.searchsorted(keys[i:], np.uint64(hi), side="left"))
             nr = n.nr
+            if (nr == 0 or key > int(n.keys[nr - 1])) and nr < n.max:
+                # All of them after the leaf's last key (sequential writes): append, no merge.
+                take = min(z - i, n.max - nr)
+                n.keys[nr: nr + take] = keys[i: i + take]
+                n.values[nr: nr + take] = values[i: i + take]
+                n.set_nr(nr + take)
+                added += take
+                i += take
+                continue
             lk = n.keys[:nr]
             chunk = keys[i:z]
             pos = np.searchsorted(lk, chunk, side="left")
