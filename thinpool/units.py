@@ -46,7 +46,6 @@ small objects nor touches the OS.
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 from thinpool.errors import InvalidArgument
 
@@ -110,6 +109,7 @@ def parse_size(text: str | int) -> int:
         multiplier, granule = _UNITS[unit.lower()]
     except KeyError:
         raise _bad(text, f"unknown unit {unit!r} (known: {_KNOWN_UNITS})") from None
+    from fractions import Fraction      # (imports decimal: ~5 ms that most commands never need)
     value = Fraction(match["num"]) * multiplier
     if value.denominator != 1 or value.numerator % granule:
         what = "sectors" if granule == SECTOR_SIZE else "bytes"
