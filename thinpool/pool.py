@@ -11,7 +11,11 @@ Guarantees:
 
 * **Crash safety.** :meth:`commit` fsyncs the data device, then commits the metadata in the
   kernel's order (superblock last). After a crash the pool opens at its last commit; an interrupted
-  create/snapshot/delete is rolled forward or back with the registry (transaction id).
+  create/snapshot/delete is rolled forward or back with the registry (transaction id). The names
+  file is written before each device change and caught up at :meth:`close` (see registry.py).
+* **Reads without the lock.** ``Volume.read`` serves a request inside one cached block without
+  taking the pool's mutex; it trusts the metadata's ``generation`` (moved by every commit, abort
+  and close, the only points after which a freed data block can be handed out again).
 * **One writer.** Opening for writing takes an exclusive advisory lock (``flock``) on the metadata
   file; a second writer or a reader while a writer holds it gets
   :class:`~thinpool.errors.BusyError` naming the holder's pid. Readers share the lock.
