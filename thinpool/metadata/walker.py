@@ -167,7 +167,6 @@ def level_arrays(bm, root: int, leaf_dtype: np.dtype) -> tuple[np.ndarray, np.nd
     Returns None when any of that fails, or a node fails its validator: then nothing is said
     about what is wrong (:func:`checked_leaves` says it). Costs O(nodes) in a few numpy passes
     plus one CRC call per node; memory: one level's keys and values, and LEVEL_CHUNK nodes."""
-    bs = fmt.BLOCK_SIZE
     blocks = np.array([root], np.int64)
     lo = np.zeros(1, np.uint64)           # node i's keys must lie in [lo[i], hi[i])
     hi = np.full(1, np.iinfo(np.uint64).max, np.uint64)

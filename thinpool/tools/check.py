@@ -22,7 +22,9 @@ What is verified:
 * with a held metadata snapshot, its superblock copy and trees as well.
 
 Costs: one read of every reachable metadata block; O(mappings) numpy work; memory O(metadata
-blocks + data blocks).
+blocks + data blocks). Mapping trees, the bulk of the metadata, are walked a level at a time with
+vectorised checks; a tree in which that finds anything is walked again node by node, which is
+what reports it (so findings never depend on the fast path).
 """
 
 from __future__ import annotations
@@ -194,6 +196,118 @@ class Checker:
         if len(leaf_depths) > 1:
             self.add("unbalanced", f"leaves at different depths {sorted(leaf_depths)}", block=root,
                      structure=structure)
+
+    def walk_mapping_tree(self, root: int, nr_data: int | None) -> None:
+        """:meth:`walk` of one mapping tree, with the leaves' data blocks added to ``data_parts``
+        (and, given ``nr_data``, mappings past the data device reported). Tries
+        :meth:`_bulk_mapping_walk` first; if that finds anything to report, the node-by-node walk
+        does the whole tree again and says what it is."""
+        if self._bulk_mapping_walk(root, nr_data):
+            return
+        s = "mapping tree"
+
+        def leaf(b, n, path):
+            blocks = (n.values[: n.nr] >> np.uint64(fmt.TIME_BITS)).astype(np.int64)
+            self.data_parts.append(blocks)
+            past = blocks >= nr_data if nr_data is not None else None
+            if past is not None and past.any():
+                i = int(np.flatnonzero(past)[0])
+                self.add("mapping_past_end", f"virtual block {int(n.keys[i])} maps to data block "
+                         f"{int(blocks[i])}, past the data device ({nr_data} blocks)"
+                         + (f" and {int(past.sum()) - 1} more" if past.sum() > 1 else ""),
+                         block=b, structure=s, path=path)
+
+        self.walk(s, root, leaf)
+
+    def _bulk_mapping_walk(self, root: int, nr_data: int | None) -> bool:
+        """The same walk a level at a time (``BlockManager.read_nodes`` and numpy over all the
+        new nodes of a level), for a tree with nothing to report. Returns False, having changed
+        nothing, at the first sign of trouble: a node that fails its validator or any check of
+        :meth:`walk`, a block reached twice within this tree (the node-by-node walk's order then
+        decides which arrival is checked), a mapping past the data device."""
+        vsize = _TREES["mapping tree"]
+        arrivals: list[np.ndarray] = []
+        seen: set[int] = set()                    # nodes first reached by this walk
+        leaf_nr: dict[int, int] = {}
+        children: dict[int, list[int]] = {}
+        parts: list[np.ndarray] = []
+        level = np.array([root], np.int64)        # this level's arrivals, in the walk's order
+        lo = np.zeros(1, np.uint64)               # the key range each arrival is given: [lo, hi)
+        hi = np.zeros(1, np.uint64)
+        no_hi = np.ones(1, bool)                  # (no upper bound: the right edge)
+        depth = 0
+        while len(level):
+            if int(level.max()) >= self.nr_meta or int(level.min()) < 0:
+                return False
+            arrivals.append(level)
+            first = []
+            for i, b in enumerate(level.tolist()):
+                if b in seen:
+                    return False
+                if b not in self.visited:         # else: an earlier tree's node, only counted
+                    seen.add(b)
+                    first.append(i)
+            if not first:
+                break
+            idx = np.array(first, np.int64)
+            new = level[idx]
+            nodes = self.bm.read_nodes(new)
+            if nodes is None:
+                return False
+            h = nodes.reshape(-1).view(fmt.NODE_BLOCK_DTYPE)
+            flags = h["flags"]
+            is_leaf = bool(flags[0] == fmt.LEAF_NODE)
+            if not (flags == flags[0]).all():
+                return False
+            mx = fmt.max_entries_for(vsize)         # (internal values are 8 bytes too)
+            nr = h["nr_entries"].astype(np.int64)
+            if not ((h["value_size"] == vsize).all() and (h["max_entries"] == mx).all()):
+                return False
+            if depth > 0 and (nr < mx // 3).any():
+                return False
+            if not is_leaf and not (nr > 0).all():
+                return False
+            present = np.arange(mx) < nr[:, None]
+            keys = nodes[:, 32:32 + 8 * mx].view(fmt.U64)[present]
+            vals = nodes[:, 32 + 8 * mx: 32 + 16 * mx].view(fmt.U64)[present]
+            ends = np.cumsum(nr)
+            starts = ends - nr
+            if len(keys) > 1:                       # strictly increasing inside each node
+                within = np.ones(len(keys) - 1, bool)
+                within[starts[starts > 0] - 1] = False
+                if not (keys[1:] > keys[:-1])[within].all():
+                    return False
+            full = nr > 0
+            if not ((keys[starts[full]] >= lo[idx][full]).all()
+                    and (no_hi[idx][full] | (keys[(ends - 1)[full]] < hi[idx][full])).all()):
+                return False
+            if is_leaf:
+                data = (vals >> np.uint64(fmt.TIME_BITS)).astype(np.int64)
+                if nr_data is not None and len(data) and int(data.max()) >= nr_data:
+                    return False
+                parts.append(data)
+                leaf_nr.update(zip(new.tolist(), nr.tolist()))
+                break
+            kids = vals.astype(np.int64)
+            for b, a, z in zip(new.tolist(), starts.tolist(), ends.tolist()):
+                children[b] = kids[a:z].tolist()
+            # Each child's range: from its key to the next key of its node, or the node's own end.
+            owner = np.repeat(np.arange(len(new)), nr)
+            last = np.zeros(len(keys), bool)
+            last[ends - 1] = True
+            nxt = np.empty(len(keys), np.uint64)
+            nxt[:-1] = keys[1:]
+            nxt[last] = hi[idx][owner[last]]
+            level, lo, hi, no_hi = kids, keys, nxt, last & no_hi[idx][owner]
+            depth += 1
+        # Nothing to report: record what the node-by-node walk would have recorded.
+        for a in arrivals:
+            np.add.at(self.refs, a, 1)
+        self.visited |= seen
+        self.leaf_nr.update(leaf_nr)
+        self.children.update(children)
+        self.data_parts.extend(parts)
+        return True
 
     def count_below(self, b: int, memo: dict[int, int]) -> int:
         if b in memo:
@@ -367,21 +481,9 @@ class Checker:
 
     def _mappings(self, roots: dict[int, int], details: dict[int, tuple], nr_data: int) -> None:
         s = "mapping tree"
-
-        def leaf(b, n, path):
-            blocks = (n.values[: n.nr] >> np.uint64(fmt.TIME_BITS)).astype(np.int64)
-            self.data_parts.append(blocks)
-            past = blocks >= nr_data
-            if past.any():
-                i = int(np.flatnonzero(past)[0])
-                self.add("mapping_past_end", f"virtual block {int(n.keys[i])} maps to data block "
-                         f"{int(blocks[i])}, past the data device ({nr_data} blocks)"
-                         + (f" and {int(past.sum()) - 1} more" if past.sum() > 1 else ""),
-                         block=b, structure=s, path=path)
-
         memo: dict[int, int] = {}
         for n_done, (dev, root) in enumerate(sorted(roots.items())):
-            self.walk(s, root, leaf)
+            self.walk_mapping_tree(root, nr_data)
             mapped = self.count_below(root, memo)
             self.report.nr_mappings += mapped
             d = details.get(dev)
@@ -417,11 +519,8 @@ class Checker:
 
         self.walk("top-level mapping tree", held.data_mapping_root, top_leaf)
 
-        def leaf(blk, n, path):
-            self.data_parts.append((n.values[: n.nr] >> np.uint64(fmt.TIME_BITS)).astype(np.int64))
-
         for r in subtrees:
-            self.walk("mapping tree", r, leaf)
+            self.walk_mapping_tree(r, None)
 
     def _compare_metadata(self, counts: np.ndarray | None, nr_blocks: int) -> None:
         if counts is None:

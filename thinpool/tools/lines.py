@@ -12,7 +12,7 @@ Costs: O(rows x digits) numpy work, O(output) memory; no Python step per row.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
