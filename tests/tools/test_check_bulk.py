@@ -11,6 +11,7 @@ import pytest
 from tests.metadata.test_bulk_read import build_deep_pool
 from tests.tptools import TESTDATA_CASES, testdata_image
 from thinpool.metadata.walker import MetadataReader
+from thinpool.tools import check as check_mod
 from thinpool.tools.check import Checker
 
 
@@ -41,7 +42,11 @@ def test_testdata_images(tmp_path, case, monkeypatch) -> None:
     assert_same(testdata_image(case, tmp_path), monkeypatch)
 
 
-def test_deep_trees_shared_between_snapshots(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_deep_trees_shared_between_snapshots(tmp_path, monkeypatch, chunk) -> None:
+    """Three levels, snapshots sharing subtrees; with chunk=7 every level is read in pieces."""
+    if chunk is not None:
+        monkeypatch.setattr(check_mod, "_CHUNK", chunk)
     path = build_deep_pool(tmp_path)
     assert_same(path, monkeypatch)
     report = run(path, True, monkeypatch)[0]

@@ -99,6 +99,9 @@ class CheckReport:
                 "findings": [f.as_dict() for f in self.findings]}
 
 
+#: Nodes read at a time by the bulk walk (8 MiB of buffer).
+_CHUNK = 2048
+
 _TREES = {  # structure name -> leaf value size
     "device details": 24, "top-level mapping tree": 8, "mapping tree": 8,
     "data space map index": 16, "metadata ref-count tree": 4, "data ref-count tree": 4,
@@ -225,7 +228,6 @@ class Checker:
         nothing, at the first sign of trouble: a node that fails its validator or any check of
         :meth:`walk`, a block reached twice within this tree (the node-by-node walk's order then
         decides which arrival is checked), a mapping past the data device."""
-        vsize = _TREES["mapping tree"]
         arrivals: list[np.ndarray] = []
         seen: set[int] = set()                    # nodes first reached by this walk
         leaf_nr: dict[int, int] = {}
@@ -251,43 +253,21 @@ class Checker:
                 break
             idx = np.array(first, np.int64)
             new = level[idx]
-            nodes = self.bm.read_nodes(new)
-            if nodes is None:
+            got = [self._bulk_nodes(new[c:c + _CHUNK], lo[idx][c:c + _CHUNK], hi[idx][c:c + _CHUNK],
+                                    no_hi[idx][c:c + _CHUNK], depth, nr_data)
+                   for c in range(0, len(new), _CHUNK)]
+            if any(g is None for g in got) or len({g[0] for g in got}) != 1:
                 return False
-            h = nodes.reshape(-1).view(fmt.NODE_BLOCK_DTYPE)
-            flags = h["flags"]
-            is_leaf = bool(flags[0] == fmt.LEAF_NODE)
-            if not (flags == flags[0]).all():
-                return False
-            mx = fmt.max_entries_for(vsize)         # (internal values are 8 bytes too)
-            nr = h["nr_entries"].astype(np.int64)
-            if not ((h["value_size"] == vsize).all() and (h["max_entries"] == mx).all()):
-                return False
-            if depth > 0 and (nr < mx // 3).any():
-                return False
-            if not is_leaf and not (nr > 0).all():
-                return False
-            present = np.arange(mx) < nr[:, None]
-            keys = nodes[:, 32:32 + 8 * mx].view(fmt.U64)[present]
-            vals = nodes[:, 32 + 8 * mx: 32 + 16 * mx].view(fmt.U64)[present]
+            is_leaf = got[0][0]
+            if is_leaf:
+                parts.extend(g[1] for g in got)
+                leaf_nr.update(zip(new.tolist(), np.concatenate([g[2] for g in got]).tolist()))
+                break
+            keys = np.concatenate([g[1] for g in got])
+            nr = np.concatenate([g[2] for g in got])
+            vals = np.concatenate([g[3] for g in got])
             ends = np.cumsum(nr)
             starts = ends - nr
-            if len(keys) > 1:                       # strictly increasing inside each node
-                within = np.ones(len(keys) - 1, bool)
-                within[starts[starts > 0] - 1] = False
-                if not (keys[1:] > keys[:-1])[within].all():
-                    return False
-            full = nr > 0
-            if not ((keys[starts[full]] >= lo[idx][full]).all()
-                    and (no_hi[idx][full] | (keys[(ends - 1)[full]] < hi[idx][full])).all()):
-                return False
-            if is_leaf:
-                data = (vals >> np.uint64(fmt.TIME_BITS)).astype(np.int64)
-                if nr_data is not None and len(data) and int(data.max()) >= nr_data:
-                    return False
-                parts.append(data)
-                leaf_nr.update(zip(new.tolist(), nr.tolist()))
-                break
             kids = vals.astype(np.int64)
             for b, a, z in zip(new.tolist(), starts.tolist(), ends.tolist()):
                 children[b] = kids[a:z].tolist()
@@ -308,6 +288,48 @@ class Checker:
         self.children.update(children)
         self.data_parts.extend(parts)
         return True
+
+    def _bulk_nodes(self, blocks, lo, hi, no_hi, depth: int, nr_data: int | None):
+        """Read and check one chunk of a level's new nodes for :meth:`_bulk_mapping_walk`.
+        Returns None on any trouble, else (is_leaf, data blocks, entry counts, None) for leaves
+        and (is_leaf, keys, entry counts, child blocks) for internal nodes."""
+        vsize = _TREES["mapping tree"]
+        nodes = self.bm.read_nodes(blocks)
+        if nodes is None:
+            return None
+        h = nodes.reshape(-1).view(fmt.NODE_BLOCK_DTYPE)
+        flags = h["flags"]
+        is_leaf = bool(flags[0] == fmt.LEAF_NODE)
+        if not (flags == flags[0]).all():
+            return None
+        mx = fmt.max_entries_for(vsize)             # (internal values are 8 bytes too)
+        nr = h["nr_entries"].astype(np.int64)
+        if not ((h["value_size"] == vsize).all() and (h["max_entries"] == mx).all()):
+            return None
+        if depth > 0 and (nr < mx // 3).any():
+            return None
+        if not is_leaf and not (nr > 0).all():
+            return None
+        present = np.arange(mx) < nr[:, None]
+        keys = nodes[:, 32:32 + 8 * mx].view(fmt.U64)[present]
+        vals = nodes[:, 32 + 8 * mx: 32 + 16 * mx].view(fmt.U64)[present]
+        ends = np.cumsum(nr)
+        starts = ends - nr
+        if len(keys) > 1:                           # strictly increasing inside each node
+            within = np.ones(len(keys) - 1, bool)
+            within[starts[starts > 0] - 1] = False
+            if not (keys[1:] > keys[:-1])[within].all():
+                return None
+        full = nr > 0
+        if not ((keys[starts[full]] >= lo[full]).all()
+                and (no_hi[full] | (keys[(ends - 1)[full]] < hi[full])).all()):
+            return None
+        if is_leaf:
+            data = (vals >> np.uint64(fmt.TIME_BITS)).astype(np.int64)
+            if nr_data is not None and len(data) and int(data.max()) >= nr_data:
+                return None
+            return True, data, nr, None
+        return False, keys, nr, vals
 
     def count_below(self, b: int, memo: dict[int, int]) -> int:
         if b in memo:
