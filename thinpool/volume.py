@@ -272,8 +272,7 @@ class Volume:
         return out
 
 
-_MISS = object()
-_NO_CACHE: dict = {}
+_MISS = object()           # "not in the lookup cache" (None there means "known unmapped")
 
 
 def _runs(maps: dict[int, tuple[int, int]], max_len: int = 256):

@@ -383,7 +383,7 @@ class ThinMetadata:
             return 0
         self._own(dev_id)
         root = self.roots[dev_id]
-        values = (db << np.uint64(24)) | np.uint64(self.time & fmt.TIME_MASK)
+        values = (db << np.uint64(fmt.TIME_BITS)) | np.uint64(self.time & fmt.TIME_MASK)
         new_root, added, _ = self.mapping_tree.insert_run(root, vb, values)
         if new_root != root:
             self.roots[dev_id] = new_root
