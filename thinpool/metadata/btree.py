@@ -19,6 +19,8 @@ Algorithms, all top-down with a shadow spine like the kernel's:
 
 * insert: a full node on the path is split before it is entered (a full root is split beneath
   itself, so the root block never moves because of a split); O(depth) node copies at most.
+  ``insert_run`` makes the same descent once per leaf a sorted run of keys lands in, then merges
+  (or, past the leaf's last key, appends) as many of them as fit.
 * remove: before entering a child that holds only the minimum it is rebalanced with its
   siblings so it holds more than the minimum; two siblings merge when they fit in one node with room to spare, three become two
   when they fit, otherwise entries are spread evenly. A root with a single child absorbs it.
@@ -255,23 +257,11 @@ class BTree:
 
     def insert(self, root: int, key: int, value, *, callbacks: bool = True):
         """Insert or overwrite ``key``. Returns (new_root, old_value or None)."""
-        n = self._shadow(root)
+        n = self._shadow_root(root, key)
         root = n.block
-        if self._full(n, key):
-            self._split_beneath(n)
+        hi = None
         while not n.is_leaf:
-            i = n.lower(key)
-            if i < 0:
-                i = 0
-                n.keys[0] = key
-            child = self._shadow(int(n.values[i]))
-            n.values[i] = child.block
-            if self._full(child, key):
-                right = self._split(child)
-                self._insert_at(n, i + 1, int(right.keys[0]), right.block)
-                if key >= int(right.keys[0]):
-                    child = right
-            n = child
+            n, hi = self._step_down(n, key, hi)
         i = int(np.searchsorted(n.keys[: n.nr], np.uint64(key), side="left"))
         if i < n.nr and int(n.keys[i]) == key:
             old = n.values[i].copy()
@@ -300,29 +290,11 @@ class BTree:
         i = 0
         while i < total:
             key = int(keys[i])
-            n = self._shadow(root)
+            n = self._shadow_root(root, key)
             root = n.block
-            if self._full(n, key):
-                self._split_beneath(n)
             hi = None                            # keys below this bound belong in this subtree
             while not n.is_leaf:
-                j = n.lower(key)
-                if j < 0:
-                    j = 0
-                    n.keys[0] = key
-                child = self._shadow(int(n.values[j]))
-                n.values[j] = child.block
-                if j + 1 < n.nr:
-                    hi = int(n.keys[j + 1])
-                if self._full(child, key):
-                    right = self._split(child)
-                    sep = int(right.keys[0])
-                    self._insert_at(n, j + 1, sep, right.block)
-                    if key >= sep:
-                        child = right
-                    else:
-                        hi = sep
-                n = child
+                n, hi = self._step_down(n, key, hi)
             # The keys of this run that go into leaf n: below hi, and as many new ones as fit.
             z = total if hi is None else i + int(np.searchsorted(keys[i:], np.uint64(hi), side="left"))
             nr = n.nr
@@ -378,6 +350,35 @@ class BTree:
             i = z
         old_all = np.concatenate(olds) if olds else np.zeros(0, self.vt.dtype)
         return root, added, old_all
+
+    def _shadow_root(self, root: int, key: int) -> Node:
+        """The first step of an insert: the root shadowed, and split beneath itself if full."""
+        n = self._shadow(root)
+        if self._full(n, key):
+            self._split_beneath(n)
+        return n
+
+    def _step_down(self, n: Node, key: int, hi: int | None) -> tuple[Node, int | None]:
+        """One step of an insert's descent from internal node ``n`` towards ``key``: the child is
+        shadowed (and split first if full) and returned with the bound below which keys belong
+        in it (``hi`` is the bound of ``n``; None: no bound)."""
+        i = n.lower(key)
+        if i < 0:
+            i = 0
+            n.keys[0] = key
+        child = self._shadow(int(n.values[i]))
+        n.values[i] = child.block
+        if i + 1 < n.nr:
+            hi = int(n.keys[i + 1])
+        if self._full(child, key):
+            right = self._split(child)
+            sep = int(right.keys[0])
+            self._insert_at(n, i + 1, sep, right.block)
+            if key >= sep:
+                child = right
+            else:
+                hi = sep
+        return child, hi
 
     @staticmethod
     def _insert_at(n: Node, i: int, key: int, value) -> None:
