@@ -158,70 +158,86 @@ def checked_leaves(tree: BTree, root: int, sorted_by_caller: bool = False):
 LEVEL_CHUNK = 2048
 
 
+def parse_nodes(nodes: np.ndarray, leaf_dtype: np.dtype, lo: np.ndarray, hi: np.ndarray,
+                no_hi: np.ndarray):
+    """Check a batch of nodes from one level of a tree (``(k, 4096)`` bytes that passed the node
+    validator) and take their entries out: ``(is_leaf, nr_entries, keys, values)``, the keys and
+    values of all the nodes one after another. Node i's keys must lie in ``[lo[i], hi[i])``
+    (no upper bound where ``no_hi[i]``).
+
+    None when the nodes are not all of one kind (internal, or leaves of ``leaf_dtype``), have
+    another value size or ``max_entries``, an internal node is empty, or keys do not strictly
+    increase inside a node or leave their range: the node-by-node walkers say which and why."""
+    h = nodes.reshape(-1).view(fmt.NODE_BLOCK_DTYPE)
+    flags = h["flags"]
+    is_leaf = bool(flags[0] == fmt.LEAF_NODE)
+    if not (flags == flags[0]).all():
+        return None
+    dtype = leaf_dtype if is_leaf else fmt.U64
+    mx = fmt.max_entries_for(dtype.itemsize)
+    nr = h["nr_entries"].astype(np.int64)
+    if not ((h["value_size"] == dtype.itemsize).all() and (h["max_entries"] == mx).all()):
+        return None
+    if not is_leaf and not (nr > 0).all():
+        return None
+    present = np.arange(mx) < nr[:, None]
+    keys = nodes[:, 32:32 + 8 * mx].view(fmt.U64)[present]
+    values = nodes[:, 32 + 8 * mx: 32 + (8 + dtype.itemsize) * mx].view(dtype)[present]
+    ends = np.cumsum(nr)
+    starts = ends - nr
+    if len(keys) > 1:
+        within = np.ones(len(keys) - 1, bool)     # pairs of neighbours in the same node
+        within[starts[starts > 0] - 1] = False
+        if not (keys[1:] > keys[:-1])[within].all():
+            return None
+    full = nr > 0
+    if not ((keys[starts[full]] >= lo[full]).all()
+            and (no_hi[full] | (keys[(ends - 1)[full]] < hi[full])).all()):
+        return None
+    return is_leaf, nr, keys, values
+
+
+def child_ranges(keys: np.ndarray, nr: np.ndarray, hi: np.ndarray, no_hi: np.ndarray):
+    """The key ranges of the children of a level of internal nodes (their ``keys``, ``nr``
+    entries each, node i bounded above by ``hi[i]`` unless ``no_hi[i]``): ``(lo, hi, no_hi)``
+    per child, in order. A child's range runs from its key to the next key of its node, the
+    last child's to its node's own bound."""
+    ends = np.cumsum(nr)
+    owner = np.repeat(np.arange(len(nr)), nr)
+    last = np.zeros(len(keys), bool)
+    last[ends - 1] = True
+    nxt = np.empty(len(keys), np.uint64)
+    nxt[:-1] = keys[1:]
+    nxt[last] = hi[owner[last]]
+    return keys, nxt, last & no_hi[owner]
+
+
 def level_arrays(bm, root: int, leaf_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
     """Every (key, value) of the tree at ``root`` as two arrays in key order, read a level at a
-    time with :meth:`BlockManager.read_nodes` and checked in vectorised passes: all nodes of a
-    level of one kind (internal, or leaves of ``leaf_dtype``'s size), the keys of each level
-    strictly increasing from node to node, each node's keys inside the range its parent gives.
+    time with :meth:`BlockManager.read_nodes` (LEVEL_CHUNK nodes at a time) and checked with
+    :func:`parse_nodes`; all leaves at one depth.
 
     Returns None when any of that fails, or a node fails its validator: then nothing is said
     about what is wrong (:func:`checked_leaves` says it). Costs O(nodes) in a few numpy passes
     plus one CRC call per node; memory: one level's keys and values, and LEVEL_CHUNK nodes."""
     blocks = np.array([root], np.int64)
     lo = np.zeros(1, np.uint64)           # node i's keys must lie in [lo[i], hi[i])
-    hi = np.full(1, np.iinfo(np.uint64).max, np.uint64)
-    hi_open = np.ones(1, bool)            # hi[i] is no bound (rightmost spine)
+    hi = np.zeros(1, np.uint64)
+    no_hi = np.ones(1, bool)              # hi[i] is no bound (rightmost spine)
     for _ in range(MAX_DEPTH):
-        keys_parts, vals_parts, nr_parts = [], [], []
-        kind = None
+        parts = []
         for c in range(0, len(blocks), LEVEL_CHUNK):
-            nodes = bm.read_nodes(blocks[c:c + LEVEL_CHUNK])
-            if nodes is None:
+            z = c + LEVEL_CHUNK
+            nodes = bm.read_nodes(blocks[c:z])
+            got = None if nodes is None else parse_nodes(nodes, leaf_dtype, lo[c:z], hi[c:z], no_hi[c:z])
+            if got is None or (parts and got[0] != parts[0][0]):
                 return None
-            h = nodes.reshape(-1).view(fmt.NODE_BLOCK_DTYPE)
-            flags = h["flags"]
-            here = int(flags[0])
-            if kind is None:
-                kind = here
-            if not (flags == kind).all():
-                return None
-            vsize = leaf_dtype.itemsize if kind == fmt.LEAF_NODE else 8
-            mx = fmt.max_entries_for(vsize)
-            if not ((h["value_size"] == vsize).all() and (h["max_entries"] == mx).all()):
-                return None
-            nr = h["nr_entries"].astype(np.int64)
-            present = np.arange(mx) < nr[:, None]
-            keys = nodes[:, 32:32 + 8 * mx].view(fmt.U64)
-            vals = nodes[:, 32 + 8 * mx: 32 + (8 + vsize) * mx].view(
-                leaf_dtype if kind == fmt.LEAF_NODE else fmt.U64)
-            keys_parts.append(keys[present])
-            vals_parts.append(vals[present])
-            nr_parts.append(nr)
-        nr = np.concatenate(nr_parts)
-        keys = np.concatenate(keys_parts)
-        vals = np.concatenate(vals_parts)
-        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
-            return None
-        # Range checks: first and last key of each non-empty node against its parent's range.
-        full = nr > 0
-        if kind != fmt.LEAF_NODE and not full.all():
-            return None                      # an empty internal node
-        ends = np.cumsum(nr)
-        first = keys[(ends - nr)[full]]
-        last = keys[(ends - 1)[full]]
-        if not ((first >= lo[full]).all() and (hi_open[full] | (last < hi[full])).all()):
-            return None
-        if kind == fmt.LEAF_NODE:
+            parts.append(got)
+        nr, keys, vals = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
+        if parts[0][0]:
             return keys, vals
-        # The next level: children in key order, each bounded by its key and the next one.
-        owner = np.repeat(np.arange(len(nr)), nr)
-        nxt = np.empty(len(keys), np.uint64)
-        nxt[:-1] = keys[1:]
-        is_last = np.zeros(len(keys), bool)
-        is_last[ends - 1] = True
-        nxt[is_last] = hi[owner[is_last]]
-        hi_open_next = is_last & hi_open[owner]
-        blocks, lo, hi, hi_open = vals.astype(np.int64), keys, nxt, hi_open_next
+        blocks = vals.astype(np.int64)
+        lo, hi, no_hi = child_ranges(keys, nr, hi, no_hi)
     return None
 
 

@@ -40,6 +40,7 @@ from ..metadata.block import (BITMAP_VALIDATOR, INDEX_VALIDATOR, NODE_VALIDATOR,
                               SUPERBLOCK_VALIDATOR, BlockManager)
 from ..metadata.btree import Node
 from ..metadata.space_map import decode_bitmap
+from ..metadata.walker import child_ranges, parse_nodes
 
 E = fmt.ENTRIES_PER_BITMAP
 
@@ -258,27 +259,18 @@ class Checker:
                    for c in range(0, len(new), _CHUNK)]
             if any(g is None for g in got) or len({g[0] for g in got}) != 1:
                 return False
-            is_leaf = got[0][0]
-            if is_leaf:
-                parts.extend(g[1] for g in got)
-                leaf_nr.update(zip(new.tolist(), np.concatenate([g[2] for g in got]).tolist()))
+            nr = np.concatenate([g[1] for g in got])
+            if got[0][0]:
+                parts.extend(g[3] for g in got)
+                leaf_nr.update(zip(new.tolist(), nr.tolist()))
                 break
-            keys = np.concatenate([g[1] for g in got])
-            nr = np.concatenate([g[2] for g in got])
-            vals = np.concatenate([g[3] for g in got])
+            keys = np.concatenate([g[2] for g in got])
+            kids = np.concatenate([g[3] for g in got]).astype(np.int64)
             ends = np.cumsum(nr)
-            starts = ends - nr
-            kids = vals.astype(np.int64)
-            for b, a, z in zip(new.tolist(), starts.tolist(), ends.tolist()):
+            for b, a, z in zip(new.tolist(), (ends - nr).tolist(), ends.tolist()):
                 children[b] = kids[a:z].tolist()
-            # Each child's range: from its key to the next key of its node, or the node's own end.
-            owner = np.repeat(np.arange(len(new)), nr)
-            last = np.zeros(len(keys), bool)
-            last[ends - 1] = True
-            nxt = np.empty(len(keys), np.uint64)
-            nxt[:-1] = keys[1:]
-            nxt[last] = hi[idx][owner[last]]
-            level, lo, hi, no_hi = kids, keys, nxt, last & no_hi[idx][owner]
+            level = kids
+            lo, hi, no_hi = child_ranges(keys, nr, hi[idx], no_hi[idx])
             depth += 1
         # Nothing to report: record what the node-by-node walk would have recorded.
         for a in arrivals:
@@ -290,46 +282,23 @@ class Checker:
         return True
 
     def _bulk_nodes(self, blocks, lo, hi, no_hi, depth: int, nr_data: int | None):
-        """Read and check one chunk of a level's new nodes for :meth:`_bulk_mapping_walk`.
-        Returns None on any trouble, else (is_leaf, data blocks, entry counts, None) for leaves
-        and (is_leaf, keys, entry counts, child blocks) for internal nodes."""
-        vsize = _TREES["mapping tree"]
+        """Read and check one chunk of a level's new nodes for :meth:`_bulk_mapping_walk`
+        (:func:`~thinpool.metadata.walker.parse_nodes`, plus the one-third minimum and the data
+        device's end). Returns None on any trouble, else (is_leaf, entry counts, keys, values),
+        where a leaf's values are its data blocks and its keys are not kept."""
         nodes = self.bm.read_nodes(blocks)
-        if nodes is None:
+        got = None if nodes is None else parse_nodes(nodes, fmt.U64, lo, hi, no_hi)
+        if got is None:
             return None
-        h = nodes.reshape(-1).view(fmt.NODE_BLOCK_DTYPE)
-        flags = h["flags"]
-        is_leaf = bool(flags[0] == fmt.LEAF_NODE)
-        if not (flags == flags[0]).all():
+        is_leaf, nr, _, vals = got
+        if depth > 0 and (nr < fmt.max_entries_for(_TREES["mapping tree"]) // 3).any():
             return None
-        mx = fmt.max_entries_for(vsize)             # (internal values are 8 bytes too)
-        nr = h["nr_entries"].astype(np.int64)
-        if not ((h["value_size"] == vsize).all() and (h["max_entries"] == mx).all()):
+        if not is_leaf:
+            return got
+        data = (vals >> np.uint64(fmt.TIME_BITS)).astype(np.int64)
+        if nr_data is not None and len(data) and int(data.max()) >= nr_data:
             return None
-        if depth > 0 and (nr < mx // 3).any():
-            return None
-        if not is_leaf and not (nr > 0).all():
-            return None
-        present = np.arange(mx) < nr[:, None]
-        keys = nodes[:, 32:32 + 8 * mx].view(fmt.U64)[present]
-        vals = nodes[:, 32 + 8 * mx: 32 + 16 * mx].view(fmt.U64)[present]
-        ends = np.cumsum(nr)
-        starts = ends - nr
-        if len(keys) > 1:                           # strictly increasing inside each node
-            within = np.ones(len(keys) - 1, bool)
-            within[starts[starts > 0] - 1] = False
-            if not (keys[1:] > keys[:-1])[within].all():
-                return None
-        full = nr > 0
-        if not ((keys[starts[full]] >= lo[full]).all()
-                and (no_hi[full] | (keys[(ends - 1)[full]] < hi[full])).all()):
-            return None
-        if is_leaf:
-            data = (vals >> np.uint64(fmt.TIME_BITS)).astype(np.int64)
-            if nr_data is not None and len(data) and int(data.max()) >= nr_data:
-                return None
-            return True, data, nr, None
-        return False, keys, nr, vals
+        return True, nr, None, data
 
     def count_below(self, b: int, memo: dict[int, int]) -> int:
         if b in memo:
