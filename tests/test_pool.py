@@ -13,6 +13,7 @@ import pytest
 from thinpool import Pool, PoolMode
 from thinpool.errors import (AlreadyExists, BusyError, InvalidArgument, NoDataSpace, NotFound,
                              OutOfRange, ReadOnlyError)
+from tests.holder import pool_held_elsewhere
 from tests.tptools import (TESTDATA_CASES, parse_xml, requires_tools, testdata_image,
                            testdata_xml, thin_check, thin_dump, thin_restore)
 
@@ -317,31 +318,16 @@ def test_uncommitted_changes_are_dropped_and_committed_ones_kept(tmp_path):
         assert v.mapped_blocks == 1
 
 
-def _hold_pool(path, ready, done):
-    p = Pool.open(path)
-    ready.set()
-    done.wait(30)
-    p.close()
-
-
 def test_second_writer_is_busy_and_named(tmp_path):
     d = tmp_path / "p"
     Pool.create(d, data_size=MiB).close()
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold_pool, args=(d, ready, done))
-    proc.start()
-    try:
-        assert ready.wait(30)
+    with pool_held_elsewhere(d) as proc:
         with pytest.raises(BusyError) as e:
             Pool.open(d)
         assert e.value.holder_pid == proc.pid
         assert str(proc.pid) in str(e.value)
         with pytest.raises(BusyError):
             Pool.open(d, read_only=True)
-    finally:
-        done.set()
-        proc.join(30)
     Pool.open(d).close()
 
 

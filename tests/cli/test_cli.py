@@ -7,7 +7,6 @@ and that a failed command leaves the pool byte for byte as it was (and ``thin_ch
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from thinpool import Pool
 from tests.cli.helpers import THINPOOL, assert_one_line_error, clean_env, fingerprint, tp
+from tests.holder import pool_held_elsewhere
 from tests.tptools import requires_tools, thin_check
 
 MiB = 1 << 20
@@ -223,29 +223,14 @@ def test_import_larger_than_volume_changes_nothing(home, demo, tmp_path):
     check_metadata(home / "demo")
 
 
-def _hold_pool(path, ready, done):
-    pool = Pool.open(path)
-    ready.set()
-    done.wait(60)
-    pool.close()
-
-
 @requires_tools
 def test_locked_pool_is_busy_and_names_the_holder(home, demo):
     before = fingerprint(home / "demo")
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_pool, args=(home / "demo", ready, done))
-    holder.start()
-    try:
-        assert ready.wait(30)
+    with pool_held_elsewhere(home / "demo") as holder:
         for args, stdin in ((["stat", "demo"], b""), (["create", "demo/x", "--size", "1M"], b""),
                             (["write", "demo/vol0"], b"data")):
             r = tp(home, *args, input=stdin)
             assert_one_line_error(r, 5, f"process {holder.pid}", "demo")
-    finally:
-        done.set()
-        holder.join(30)
     assert fingerprint(home / "demo") == before
     check_metadata(home / "demo")
     tp(home, "stat", "demo", check=0)        # free again

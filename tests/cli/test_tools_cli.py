@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import shutil
@@ -18,6 +17,7 @@ import pytest
 from thinpool import Pool
 from thinpool.metadata.walker import MetadataReader
 from tests.cli.helpers import assert_one_line_error, fingerprint, tp
+from tests.holder import pool_held_elsewhere
 from tests.tptools import (random_superblock, requires_tools, thin_check, thin_delta, thin_dump,
                            thin_ls, thin_restore, to_xml)
 
@@ -391,13 +391,6 @@ def test_metadata_size_matches_thin_metadata_size(tmp_path, ours, theirs):
 
 
 # -- a held metadata snapshot beside a writer -------------------------------------------------
-def _hold_pool(path, ready, done):
-    pool = Pool.open(path)
-    ready.set()
-    done.wait(60)
-    pool.close()
-
-
 def test_metadata_snap_beside_a_writer(tmp_path):
     home = tmp_path / "home"
     rng = random.Random(4)
@@ -416,12 +409,7 @@ def test_metadata_snap_beside_a_writer(tmp_path):
     live = thin_dump(meta)
     assert live != at_reserve
 
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_pool, args=(home / "demo", ready, done))
-    holder.start()
-    try:
-        assert ready.wait(30)
+    with pool_held_elsewhere(home / "demo") as holder:
         r = tp(home, "dump", "-m", "demo", check=0)
         assert r.out == thin_dump(meta, "-m")
         # The pool as it was at the reservation; like the kernel's copy, the held superblock has
@@ -435,9 +423,6 @@ def test_metadata_snap_beside_a_writer(tmp_path):
         r = tp(home, "delta", "-m", "demo", "--snap1", "1", "--snap2", "2", "--verbose", check=0)
         assert r.out == thin_delta(meta, "-m", "--thin1", "1", "--thin2", "2", "--verbose")
         assert_one_line_error(tp(home, "dump", "demo"), 5, f"process {holder.pid}")
-    finally:
-        done.set()
-        holder.join(30)
     assert holder.exitcode == 0
     r = tp(home, "metadata-snap", "release", "demo", check=0)
     assert "released" in r.out
