@@ -435,3 +435,18 @@ def test_small_writes_leave_their_blocks_on_the_fast_path(tmp_path):
             assert vol._fast_block(vb * bs + 100, 4096) is not None
         vol.write(9 * bs + 100, b"y" * 10)            # in place, through the fast path
         assert vol.read(9 * bs + 100, 12) == b"y" * 10 + b"xx"
+
+
+def test_reserving_a_metadata_snapshot_gives_back_the_space_it_commits_free(tmp_path):
+    """The reservation commits what is pending; blocks that commit frees are punched like any
+    commit's (they were left allocated in the data file before)."""
+    with Pool.create(tmp_path / "p", data_size=16 * MiB) as p:
+        v = p.create_thin("v", 8 * MiB)
+        v.write(0, b"x" * (4 * MiB))
+        p.commit()
+        before = p._data.allocated_bytes()
+        v.discard(0, 4 * MiB)                   # frees every block, not committed yet
+        p.reserve_metadata_snap()
+        assert p._data.allocated_bytes() <= before - 4 * MiB + 64 * 1024
+        assert v.read(0, 16) == bytes(16)
+        p.release_metadata_snap()

@@ -591,7 +591,10 @@ class Pool:
             self._data.sync()
         if not force and not self._meta.has_changes():
             return
-        freed = self._meta.commit()
+        self._punch(self._meta.commit())
+
+    def _punch(self, freed: np.ndarray) -> None:
+        """Give the host back the space of data blocks a commit just freed."""
         if self._data is not None and len(freed):
             for start, n in _block_runs(freed):
                 self._data.punch_blocks(start, n)
@@ -605,7 +608,10 @@ class Pool:
                 self._data.sync()
             if self._registry is not None:
                 self._registry.flush()     # readers of the held snapshot take names from it
-            return self._meta.reserve_metadata_snap()
+            freed = self._meta.data_sm.freed_since_commit()     # (it commits what is pending)
+            held = self._meta.reserve_metadata_snap()
+            self._punch(freed)
+            return held
 
     def release_metadata_snap(self) -> None:
         with self._guard():
