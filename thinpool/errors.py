@@ -70,6 +70,29 @@ class NoMetadataSpace(NoSpace):
     """No free metadata block is left for the current transaction."""
 
 
+class DeviceIOError(ThinpoolError):
+    """The operating system failed an I/O on one of a pool's devices (EIO and the like).
+
+    Keeps the evidence: ``device`` (its path), ``operation`` (``read``, ``write``, ``sync``,
+    ``punch``, ...), ``block`` (the 4 KiB metadata block or the data block, None for a sync) and
+    ``errno``. The OSError itself is chained as ``__cause__``."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, device: str, operation: str, block: int | None = None,
+                 errno: int | None = None):
+        super().__init__(message)
+        self.device = device
+        self.operation = operation
+        self.block = block
+        self.errno = errno
+
+
+class MetadataIOError(DeviceIOError):
+    """An I/O error on the metadata device: the pool cannot trust its metadata operations any
+    more and degrades (read-only with NEEDS_CHECK, as the kernel's ``metadata_operation_failed``)."""
+
+
 class MetadataError(ThinpoolError):
     """The metadata is damaged or not dm-thin metadata at all."""
 

@@ -2,7 +2,8 @@
 
 One writer at a time (exclusive lock); readers share the lock. A process that finds the lock
 taken gets :class:`~thinpool.errors.BusyError` naming the holder's pid, read from /proc/locks
-(flock locks record their owner there). The lock lives as long as its descriptor, so closing
+(flock locks record their owner there); when the holder is this very process (another open
+``Pool`` object), the message says so. The lock lives as long as its descriptor, so closing
 other descriptors of the same file (the block manager's) never drops it.
 """
 
@@ -25,7 +26,10 @@ class MetadataLock:
         except BlockingIOError:
             holder = _lock_holder(self.fd)
             os.close(self.fd)
-            who = f" by process {holder}" if holder else ""
+            if holder == os.getpid():
+                who = f" by this process ({holder}): another Pool object has it open"
+            else:
+                who = f" by process {holder}" if holder else ""
             raise BusyError(f"pool metadata {path} is locked{who}; close it there first",
                             holder_pid=holder) from None
 
@@ -56,9 +60,7 @@ def _lock_holder(fd: int) -> int | None:
                 if "->" in parts:
                     continue
                 if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].split(":")[-1] == str(ino):
-                    pid = int(parts[4])
-                    if pid != os.getpid():
-                        return pid
+                    return int(parts[4])
     except (OSError, ValueError):
         pass
     return None

@@ -22,7 +22,27 @@ Guarantees:
 * **No half-made pools.** :meth:`create` validates everything first and removes whatever it
   created if any step fails.
 * **Freed space goes back to the host.** Data blocks freed by a transaction (deletes, discards,
-  copy-on-write) are hole-punched once the commit that freed them is durable.
+  copy-on-write) are hole-punched once the commit that freed them is durable. That is post-commit
+  work: if it fails the commit still stands (the operation is reported done, with a note), and
+  the blocks still free are punched after the next commit.
+* **Failures inside an operation.** Every operation runs under :meth:`_guard`. An exception
+  raised before the operation changed the metadata (bad arguments, no data space for a write, a
+  refused device change, an interrupt before any change) leaves the transaction exactly as it
+  was: other volumes' acknowledged writes are kept. An exception after it began changing the
+  metadata (an I/O error, metadata exhausted, an interrupt inside a B-tree change) aborts the
+  transaction and degrades the pool as the kernel's ``metadata_operation_failed`` does: NEEDS_CHECK
+  is written and the pool is read-only (FAIL when even that cannot be recorded); it never commits
+  half a change. Damaged metadata found on the way degrades it too. :meth:`stat` says why
+  (``degraded``).
+* **Device changes** (create, snapshot, delete, resize of a volume) are checked first and refused
+  before anything changes; then the writes acknowledged so far are committed (as the kernel does
+  before a snapshot), and the change is made and committed on its own, so a failure of the change
+  itself rolls back to exactly the state before it. Device ids are chosen under the pool's mutex.
+* **Handles.** A :class:`Volume` names its device by id and creation epoch (the transaction that
+  made it): once that device is deleted, every call on the handle raises NotFound, even when a
+  later device got the same id.
+* **Resources.** A pool that is garbage-collected unclosed releases its descriptors and its lock
+  (with a ``ResourceWarning``, as files do); what it had not committed is dropped, as in a crash.
 
 ``Pool.open`` returns a context manager: leaving the block without an exception commits; either
 way the pool is closed and unlocked. Nothing here prints.
@@ -36,6 +56,8 @@ import shutil
 import subprocess
 import threading
 import time
+import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,8 +67,8 @@ import numpy as np
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
 from .errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument,
-                     MetadataError, NoDataSpace, NoMetadataSpace, NotFound, ReadOnlyError,
-                     ThinpoolError)
+                     MetadataError, MetadataIOError, NoDataSpace, NoMetadataSpace, NotFound,
+                     ReadOnlyError, ThinpoolError)
 from .metadata import format as fmt
 from .metadata.block import SUPERBLOCK_VALIDATOR, create_metadata_file
 from .metadata.thin_metadata import ThinMetadata, check_data_block_size
@@ -108,6 +130,9 @@ class PoolStat:
     error_if_no_space: bool = False
     no_space_timeout: float = 60.0
     low_water_blocks: int = 0
+    #: Why the pool is not in write mode because of a failure (None when it is, or when it is
+    #: only out of data space).
+    degraded: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -152,14 +177,18 @@ class Pool:
         self._data: DataDevice | None = None
         self._lock: _Lock | None = None
         self._registry: Registry | None = None
-        self._volumes: dict[str, Volume] = {}
+        self._volumes: weakref.WeakValueDictionary[str, Volume] = weakref.WeakValueDictionary()
         self.notes: list[str] = []
         self.options = PoolOptions()
+        self.name = "?"
         self._failed: str | None = None          # why the pool is in FAIL mode
+        self._degraded: str | None = None        # why this process made it read-only
         self._mutex = threading.RLock()          # one operation at a time; waits release it
         self._space = threading.Condition(self._mutex)
         self._low_water_fired = False
-        self._depth = 0                          # nesting of _guard
+        self._depth = 0                          # nesting of _guard (of the thread holding it)
+        self._op_mark: tuple[int, int] | None = None   # the metadata's mark when it began
+        self._unpunched: list[np.ndarray] = []   # freed blocks a failed punch left behind
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -297,7 +326,7 @@ class Pool:
                     raise MetadataError(
                         f"data device {dpath} has {self._data.nr_blocks} blocks but the metadata "
                         f"describes {self._meta.nr_data_blocks}")
-            self._alloc = DataAllocator(self._meta.data_sm)
+            self._alloc = DataAllocator(self._meta)
             self._registry = Registry.load(names)
             if read_only and self._registry.pending is not None:
                 self.notes.append("an interrupted operation is pending; open for writing to finish it")
@@ -328,27 +357,60 @@ class Pool:
             self.close()
 
     def close(self) -> None:
-        try:
-            if self._registry is not None and self._meta is not None and not self.read_only:
-                self._registry.flush()
-        finally:
-            self._close_parts()
+        with self._mutex:
+            try:
+                if self._registry is not None and self._meta is not None and not self.read_only:
+                    self._registry.flush()
+            finally:
+                self._close_parts()
 
     def _close_parts(self) -> None:
-        if self._data is not None:
-            self._data.close()
-            self._data = None
-        if self._meta is not None:
-            self._meta.close()
-            self._meta = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        # The metadata first: its close moves the generation, so a lock-free reader that raced
+        # with this close throws its bytes away before the data descriptor's number can be
+        # reused by anything else.
+        try:
+            if self._meta is not None:
+                meta, self._meta = self._meta, None
+                meta.close()
+        finally:
+            try:
+                if self._data is not None:
+                    data, self._data = self._data, None
+                    data.close()
+            finally:
+                if self._lock is not None:
+                    lock, self._lock = self._lock, None
+                    lock.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock", None) is None:
+            return
+        warnings.warn(f"pool {self.name} was never closed; closing it now (what it had not "
+                      f"committed is dropped)", ResourceWarning, source=self)
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a finalizer must not raise
+            pass
 
     # -- checks ------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._meta is None:
             raise ThinpoolError("the pool is closed")
+
+    def _check_readable(self) -> None:
+        self._check_open()
+        if self._failed:
+            raise ThinpoolError(f"pool {self.name} has failed ({self._failed}); close it and run "
+                                f"'thinpool check {self.name}'")
+
+    def _live(self, vol: Volume) -> Entry:
+        """The registry entry of a handle's device; NotFound once that device is gone."""
+        self._check_open()
+        e = self._registry.volumes.get(vol.name)
+        if e is None or e.dev_id != vol.dev_id or e.epoch != vol.epoch:
+            raise NotFound(f"volume {vol.name!r} (device {vol.dev_id}) no longer exists in pool "
+                           f"{self.name}: this handle is stale")
+        return e
 
     def _check_writable(self, allow_needs_check: bool = False) -> None:
         self._check_open()
@@ -388,59 +450,82 @@ class Pool:
     # -- degradation -------------------------------------------------------------------------
     @contextmanager
     def _guard(self):
-        """Run one operation under the pool's mutex; turn metadata trouble into a degraded mode.
-
-        Out of metadata space: the transaction is rolled back and the pool goes read-only with
-        NEEDS_CHECK set. Damaged metadata found while working: NEEDS_CHECK is set and the pool
-        refuses writes. If even that fails, the pool is in FAIL mode."""
+        """Run one operation under the pool's mutex and keep the rule of the module docstring:
+        an exception leaves the transaction as it was, or the pool degrades."""
         with self._mutex:
             self._depth += 1
+            outer = self._depth == 1
+            if outer:
+                self._op_mark = None if self._meta is None else self._meta.mark()
             try:
                 yield
-            except NoMetadataSpace as e:
-                if (self._depth > 1 or self._meta is None or self.read_only
-                        or getattr(e, "transaction_intact", False)):
-                    raise
-                self._mark_needs_check()
-                raise NoMetadataSpace(
-                    f"pool {self.name} ran out of metadata space ({e}); the transaction was rolled "
-                    f"back and the pool is read-only: grow it with 'thinpool resize {self.name} "
-                    f"--metadata-size SIZE', then run 'thinpool check {self.name}'") from None
-            except IncompatibleMetadata:
-                raise
-            except MetadataError:
-                if self._depth == 1 and self._meta is not None and not self.read_only:
-                    self._mark_needs_check()
+            except BaseException as e:
+                if outer:
+                    replacement = self._operation_failed(e)
+                    if replacement is not None:
+                        raise replacement from None
                 raise
             finally:
                 self._depth -= 1
 
-    def _mark_needs_check(self) -> None:
+    def _operation_failed(self, e: BaseException) -> BaseException | None:
+        """Degrade the pool if ``e`` left anything half done or found damage; returns the
+        exception to raise instead, if any."""
+        meta = self._meta
+        if meta is None or self.read_only or self._op_mark is None:
+            return None
+        if isinstance(e, IncompatibleMetadata):
+            return None
+        damage = isinstance(e, (MetadataError, MetadataIOError))
+        if meta.intact_since(self._op_mark) and not damage:
+            return None
+        if isinstance(e, NoMetadataSpace):
+            self._degrade(f"out of metadata space: {e}")
+            return NoMetadataSpace(
+                f"pool {self.name} ran out of metadata space ({e}); the transaction was rolled "
+                f"back and the pool is read-only: grow it with 'thinpool resize {self.name} "
+                f"--metadata-size SIZE', then run 'thinpool check {self.name}'")
+        what = "damaged metadata" if damage else "a failure inside a metadata change"
+        self._degrade(f"{what} ({type(e).__name__}: {e}); the uncommitted transaction was "
+                      f"rolled back")
+        return None
+
+    def _degrade(self, why: str) -> None:
+        """The kernel's metadata_operation_failed: abort the transaction, record NEEDS_CHECK and
+        refuse writes; FAIL mode when even that cannot be done."""
+        if self._failed:
+            return
+        if self._degraded is None:
+            self._degraded = why
         try:
             self._meta.set_needs_check(True)
-        except BaseException as e:  # noqa: BLE001 - the pool cannot even record its trouble
-            self._failed = f"cannot record the need for a check: {e}"
+        except BaseException as err:  # noqa: BLE001 - the pool cannot even record its trouble
+            self._failed = f"{why}; and NEEDS_CHECK could not be recorded: {err}"
 
     def clear_needs_check(self) -> None:
-        """Clear NEEDS_CHECK (after a clean check); the pool takes writes again."""
+        """Clear NEEDS_CHECK (after a clean check); the pool takes writes again. What was not
+        committed is thrown away, as the kernel does when it leaves read-only mode."""
         with self._guard():
             self._check_writable(allow_needs_check=True)
             self._meta.set_needs_check(False)
+            self._degraded = None
 
     def volumes(self) -> list[str]:
         self._check_open()
         return sorted(self._registry.volumes, key=lambda n: self._registry.volumes[n].dev_id)
 
     def volume(self, name: str) -> Volume:
-        e = self._entry(name)
-        v = self._volumes.get(name)
-        if v is None or v.dev_id != e.dev_id:
-            v = Volume(self, name, e.dev_id, e.size)
-            self._volumes[name] = v
-        v.size = e.size
-        return v
+        with self._mutex:
+            e = self._entry(name)
+            v = self._volumes.get(name)
+            if v is None or v.dev_id != e.dev_id or v.epoch != e.epoch:
+                v = Volume(self, name, e.dev_id, e.size, e.epoch)
+                self._volumes[name] = v
+            v.size = e.size
+            return v
 
     def _new_id(self) -> int:
+        """The lowest free device id; call it holding the mutex, in the operation that uses it."""
         used = set(self._meta.device_ids()) | set(self._meta.devices)
         dev = 1
         while dev in used:
@@ -450,16 +535,20 @@ class Pool:
         return dev
 
     def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None) -> None:
-        with self._guard():
-            self._device_change_locked(op, name, dev_id, size, action, origin)
+        """Make one device change; call it inside ``_guard`` after every check passed.
 
-    def _device_change_locked(self, op, name, dev_id, size, action, origin) -> None:
+        The writes acknowledged so far are committed first, so a failure of the change itself
+        rolls back to exactly that state. The change is durable when this returns; the work
+        after its commit (punching freed blocks) never turns it into a reported failure."""
+        self._commit(force=False)
         trans = self._meta.trans_id + 1
         self._registry.begin(op, name, dev_id, size, trans, origin)
         try:
             action()
             self._meta.set_transaction_id(trans)
-            self.commit()
+            if self._data is not None:
+                self._data.sync()
+            freed = self._meta.commit()
         except BaseException:
             try:
                 self._meta.abort()
@@ -467,6 +556,11 @@ class Pool:
                 self._registry.cancel()
             raise
         self._registry.finish(durable=False)     # the begin record + trans id already tell
+        self._after_commit(freed)
+
+    def _check_new_name(self, name: str) -> None:
+        if name in self._registry.volumes:
+            raise AlreadyExists(f"volume {name!r} exists already in pool {self.name}")
 
     def create_thin(self, name: str, size: int) -> Volume:
         """A new, empty thin volume of ``size`` bytes (may exceed the pool)."""
@@ -474,52 +568,62 @@ class Pool:
         _int_arg("volume size", size)
         if size == 0:
             raise InvalidArgument("a volume needs a size above zero")
-        self._check_writable()
-        if name in self._registry.volumes:
-            raise AlreadyExists(f"volume {name!r} exists already in pool {self.name}")
-        dev = self._new_id()
-        self._device_change("create", name, dev, size, lambda: self._meta.create_thin(dev))
-        return self.volume(name)
+        with self._guard():
+            self._check_writable()
+            self._check_new_name(name)
+            dev = self._new_id()
+            self._device_change("create", name, dev, size, lambda: self._meta.create_thin(dev))
+            return self.volume(name)
 
     def snapshot(self, origin: str, name: str) -> Volume:
         """A writable snapshot of ``origin`` named ``name``: O(1), shares every block."""
         check_name(name)
-        self._check_writable()
-        src = self._entry(origin)
-        if name in self._registry.volumes:
-            raise AlreadyExists(f"volume {name!r} exists already in pool {self.name}")
-        dev = self._new_id()
-        self._device_change("snapshot", name, dev, src.size,
-                            lambda: self._meta.create_snap(dev, src.dev_id), origin=origin)
-        return self.volume(name)
+        with self._guard():
+            self._check_writable()
+            src = self._entry(origin)
+            self._check_new_name(name)
+            dev = self._new_id()
+            self._device_change("snapshot", name, dev, src.size,
+                                lambda: self._meta.create_snap(dev, src.dev_id), origin=origin)
+            return self.volume(name)
 
     def delete(self, name: str) -> None:
-        self._check_writable()
-        e = self._entry(name)
-        self._device_change("delete", name, e.dev_id, e.size, lambda: self._meta.delete(e.dev_id))
-        self._volumes.pop(name, None)
-        for other in self._registry.volumes.values():
-            if other.origin == name:
-                other.origin = None
+        with self._guard():
+            self._check_writable()
+            e = self._entry(name)
+            self._device_change("delete", name, e.dev_id, e.size, lambda: self._meta.delete(e.dev_id))
+            self._volumes.pop(name, None)
 
     def resize_volume(self, name: str, size: int) -> Volume:
-        """Grow or shrink a volume; shrinking unmaps everything past the new end."""
+        """Grow or shrink a volume. Shrinking unmaps every whole block past the new end; growing
+        first makes the bytes past the old end read as zeros (a shrink may have left its last
+        block's tail behind), so the grown part always reads as zeros."""
         _int_arg("volume size", size)
         if size == 0:
             raise InvalidArgument("a volume needs a size above zero")
-        self._check_writable()
-        e = self._entry(name)
+        with self._guard():
+            self._check_writable()
+            e = self._entry(name)
+            bs = self.block_size
+            vol = self.volume(name)
+            tail = 0
+            if size > e.size and e.size % bs:
+                tail = min(bs - e.size % bs, size - e.size)
+                need = vol.tail_needs_block(e.size, tail)
+                if need and self._alloc.available() < need:
+                    raise NoDataSpace(
+                        f"growing volume {name!r} needs a free data block to zero the tail of its "
+                        f"last block (it is shared) and pool {self.name} has none; nothing was "
+                        f"changed")
 
-        def shrink() -> None:
-            if size < e.size:
-                vol = self.volume(name)
-                bs = self.block_size
-                if size % bs:
-                    vol.write(size, bytes(min(bs - size % bs, e.size - size)))
-                self._meta.remove_range(e.dev_id, -(-size // bs), 1 << 62)
+            def change() -> None:
+                if size < e.size:
+                    self._meta.remove_range(e.dev_id, -(-size // bs), 1 << 62)
+                elif tail:
+                    vol.zero_tail(e.size, tail)
 
-        self._device_change("resize", name, e.dev_id, size, shrink, origin=e.origin)
-        return self.volume(name)
+            self._device_change("resize", name, e.dev_id, size, change, origin=e.origin)
+            return self.volume(name)
 
     # -- pool size ---------------------------------------------------------------------------
     def resize(self, data_size: int | None = None, metadata_size: int | None = None) -> None:
@@ -564,7 +668,6 @@ class Pool:
                     f"growing the data to {data_size} bytes needs about {need} free metadata "
                     f"blocks and {meta.metadata_sm.nr_allocatable()} are free: grow the metadata "
                     f"first ('thinpool resize {self.name} --metadata-size SIZE'); nothing was changed")
-                err.transaction_intact = True
                 if mblocks is None:
                     raise err
             if nr * self.block_size > self._data.size:
@@ -585,19 +688,41 @@ class Pool:
         self._check_open()
         if self.read_only:
             raise ReadOnlyError(f"pool {self.name} is open read-only")
+        meta = self._meta
         # Data first, always: writes into exclusive blocks change no metadata but must still be
-        # durable once commit (or Volume.flush) returns.
+        # durable once commit (or Volume.flush) returns. Mappings to data that may not have
+        # reached the disk must never be committed: a failed sync degrades the pool.
         if self._data is not None:
-            self._data.sync()
-        if not force and not self._meta.has_changes():
+            try:
+                self._data.sync()
+            except ThinpoolError as e:
+                if meta.has_changes():
+                    self._degrade(f"the data device could not be synced ({e}); the uncommitted "
+                                  f"transaction was rolled back")
+                raise
+        if not force and not meta.has_changes():
             return
-        self._punch(self._meta.commit())
+        self._after_commit(meta.commit())
 
-    def _punch(self, freed: np.ndarray) -> None:
-        """Give the host back the space of data blocks a commit just freed."""
-        if self._data is not None and len(freed):
+    def _after_commit(self, freed: np.ndarray) -> None:
+        """Post-commit work: give the host back the space of data blocks a commit freed (and
+        of blocks an earlier failed punch left, if they are still free). A failure here is a
+        note, never the operation's failure: the commit stands."""
+        if self._data is None:
+            return
+        if self._unpunched:
+            freed = self._meta.still_free_data(np.concatenate([freed, *self._unpunched]))
+            self._unpunched = []
+        if not len(freed):
+            return
+        try:
             for start, n in _block_runs(freed):
                 self._data.punch_blocks(start, n)
+        except ThinpoolError as e:
+            self._unpunched.append(freed)
+            self.notes.append(f"the space of {len(freed)} freed data block(s) could not be given "
+                              f"back to the host ({e}); it is retried after the next commit "
+                              f"('thinpool trim {self.name}' also does it)")
 
     def reserve_metadata_snap(self) -> int:
         """Commit and hold a metadata snapshot (the kernel's ``reserve_metadata_snap``): its trees
@@ -608,9 +733,8 @@ class Pool:
                 self._data.sync()
             if self._registry is not None:
                 self._registry.flush()     # readers of the held snapshot take names from it
-            freed = self._meta.data_sm.freed_since_commit()     # (it commits what is pending)
-            held = self._meta.reserve_metadata_snap()
-            self._punch(freed)
+            held, freed = self._meta.reserve_metadata_snap()
+            self._after_commit(freed)
             return held
 
     def release_metadata_snap(self) -> None:
@@ -629,7 +753,9 @@ class Pool:
             blocks = self._alloc.allocate(count, hint)
         except NoDataSpace as e:
             opts = self.options
-            if opts.error_if_no_space or opts.no_space_timeout <= 0:
+            # Only an operation of its own may wait: a nested one (a device change's write)
+            # would let other threads in halfway through its caller.
+            if opts.error_if_no_space or opts.no_space_timeout <= 0 or self._depth > 1:
                 raise
             deadline = time.monotonic() + opts.no_space_timeout
             while True:
@@ -637,11 +763,21 @@ class Pool:
                 if left <= 0:
                     raise NoDataSpace(f"{e}; waited {opts.no_space_timeout:g} s for space: grow the "
                                       f"pool with 'thinpool resize {self.name} --size SIZE'") from None
-                self._space.wait(min(left, 0.5))
-                if self._alloc.available() >= count:
+                self._wait_for_space(min(left, 0.5))
+                if self._meta is None or self._alloc.available() >= count:
                     return None
         self._check_low_water()
         return blocks
+
+    def _wait_for_space(self, timeout: float) -> None:
+        """Release the mutex while waiting, as an operation that has changed nothing yet: other
+        threads' operations run meanwhile, each as an outer operation, and ours starts afresh."""
+        self._depth = 0
+        try:
+            self._space.wait(timeout)
+        finally:
+            self._depth = 1
+            self._op_mark = None if self._meta is None else self._meta.mark()
 
     def _check_low_water(self) -> None:
         mark = self.options.low_water_blocks
@@ -666,8 +802,8 @@ class Pool:
             except OSError as err:
                 self.notes.append(f"low-water hook failed to start: {err}")
 
-    def _release(self, blocks: np.ndarray) -> None:
-        self._alloc.release(blocks)
+    def _release(self, blocks: np.ndarray, mark: tuple[int, int] | None = None) -> None:
+        self._alloc.release(blocks, mark)
 
     # -- information -------------------------------------------------------------------------
     def stat(self) -> PoolStat:
@@ -695,7 +831,9 @@ class Pool:
             needs_check=meta.needs_check, volumes=vols,
             error_if_no_space=self.options.error_if_no_space,
             no_space_timeout=self.options.no_space_timeout,
-            low_water_blocks=self.options.low_water_blocks)
+            low_water_blocks=self.options.low_water_blocks,
+            degraded=self._failed or self._degraded or (
+                "NEEDS_CHECK is set in the metadata" if meta.needs_check else None))
 
     @property
     def metadata(self) -> ThinMetadata:

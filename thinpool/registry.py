@@ -51,6 +51,25 @@ class Entry:
     dev_id: int
     size: int
     origin: str | None = None
+    #: The transaction id that created the device: with ``dev_id`` its identity, so a handle to
+    #: a deleted device is never mistaken for a later device that got the same id.
+    epoch: int = 0
+
+
+_OPS = ("create", "snapshot", "delete", "resize")
+
+
+def _check_pending(p, path) -> dict | None:
+    """A pending record as written by :meth:`Registry.begin`, or MetadataError."""
+    if p is None:
+        return None
+    ok = (isinstance(p, dict) and p.get("op") in _OPS and isinstance(p.get("name"), str)
+          and all(type(p.get(k)) is int and p[k] >= 0 for k in ("dev_id", "size", "transaction_id"))
+          and (p.get("origin") is None or isinstance(p.get("origin"), str)))
+    if not ok:
+        raise MetadataError(f"names registry {path} is unreadable: its pending operation record "
+                            f"is malformed ({json.dumps(p)[:200]})")
+    return p
 
 
 @dataclass
@@ -70,17 +89,21 @@ class Registry:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-            vols = {check_name(n): Entry(int(e["dev_id"]), int(e["size"]), e.get("origin"))
+            vols = {check_name(n): Entry(int(e["dev_id"]), int(e["size"]), e.get("origin"),
+                                         int(e.get("epoch", 0)))
                     for n, e in raw.get("volumes", {}).items()}
-            return cls(path, int(raw.get("transaction_id", 0)), vols, raw.get("pending"))
+            pending = raw.get("pending")
+            trans = int(raw.get("transaction_id", 0))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise MetadataError(f"names registry {path} is unreadable: {e}") from None
+        return cls(path, trans, vols, _check_pending(pending, path))
 
     def save(self) -> None:
         if self.path is None:
             return
         doc = {"version": 1, "transaction_id": self.transaction_id,
-               "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin}
+               "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin,
+                               "epoch": e.epoch}
                            for n, e in sorted(self.volumes.items())},
                "pending": self.pending}
         d = os.path.dirname(os.path.abspath(self.path))
@@ -138,9 +161,12 @@ class Registry:
 
     def _apply(self, p: dict) -> None:
         if p["op"] in ("create", "snapshot"):
-            self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"))
+            self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"),
+                                            p["transaction_id"])
         elif p["op"] == "resize":
-            self.volumes[p["name"]].size = p["size"]
+            e = self.volumes.get(p["name"])
+            if e is not None:
+                e.size = p["size"]
         elif p["op"] == "delete":
             self.volumes.pop(p["name"], None)
             for e in self.volumes.values():      # its snapshots outlive it, without an origin
@@ -170,7 +196,7 @@ class Registry:
         named = self.by_id()
         for dev in sorted(ids - set(named)):
             name = str(dev) if str(dev) not in self.volumes else f"dev-{dev}"
-            self.volumes[name] = Entry(dev, size_of(dev))
+            self.volumes[name] = Entry(dev, size_of(dev), epoch=transaction_id)
             changed = True
         if self.transaction_id != transaction_id:
             self.transaction_id = transaction_id

@@ -14,6 +14,11 @@ Semantics (those of a dm-thin device):
   write that needs more new blocks than the pool has free raises
   :class:`~thinpool.errors.NoDataSpace` before anything is written.
 * ``flush`` makes every write before it durable (it commits the pool).
+* A handle names its device by id and creation epoch: after the device is deleted every call
+  raises :class:`~thinpool.errors.NotFound`, even if a new device got the same id.
+* A request that fails leaves no half-made mapping: new blocks are allocated before anything is
+  written and given back if writing them fails (the metadata is then as it was). Bytes of a
+  failed write that went in place may or may not have landed, as on a disk.
 
 Costs: one mapping-tree range walk per request, then one ``pread``/``pwrite`` per run of
 consecutive data blocks (not one per block); allocation is one vectorised request per write.
@@ -33,10 +38,11 @@ if TYPE_CHECKING:
 
 
 class Volume:
-    def __init__(self, pool: "Pool", name: str, dev_id: int, size: int):
+    def __init__(self, pool: "Pool", name: str, dev_id: int, size: int, epoch: int = 0):
         self.pool = pool
         self.name = name
         self.dev_id = dev_id
+        self.epoch = epoch
         self.size = size
         self._bs = pool.block_size
         self._hot: tuple | None = None      # read's lock-free state (see read)
@@ -45,12 +51,16 @@ class Volume:
         return f"Volume({self.name!r}, dev_id={self.dev_id}, size={self.size})"
 
     # -- helpers -----------------------------------------------------------------------------
-    def _check_range(self, offset: int, length: int, what: str) -> None:
+    def _live(self) -> None:
+        """Raise NotFound if the device is gone; refresh the size from the pool's names."""
+        self.size = self.pool._live(self).size
+
+    def _check_range(self, offset: int, length: int, what: str, limit: int | None = None) -> None:
         if not isinstance(offset, int) or not isinstance(length, int) or isinstance(offset, bool):
             raise InvalidArgument(f"{what}: offset and length must be integers")
         if offset < 0 or length < 0:
             raise InvalidArgument(f"{what}: negative offset or length ({offset}, {length})")
-        if offset + length > self.size:
+        if offset + length > (self.size if limit is None else limit):
             raise OutOfRange(f"{what} of {length} bytes at offset {offset} reaches past the end "
                              f"of volume {self.name!r} ({self.size} bytes)")
 
@@ -90,7 +100,7 @@ class Volume:
         with pool._guard():
             data = self._read(offset, length)
             meta = pool._meta
-            cache = meta._lcache.get(self.dev_id) if meta is not None else None
+            cache = meta.cached_lookups(self.dev_id) if meta is not None else None
             self._hot = None if cache is None or pool._data is None else (
                 meta, meta.generation, cache, pool._data, self._bs)
             return data
@@ -108,17 +118,19 @@ class Volume:
         vb = offset // bs
         if (offset + length - 1) // bs != vb:
             return None
-        cache = meta._lcache.get(self.dev_id)
+        self._live()
+        cache = meta.cached_lookups(self.dev_id)
         if cache is None or vb not in cache:
             return None
         return cache[vb], vb
 
     def _read(self, offset: int, length: int) -> bytes:
+        pool = self.pool
+        pool._check_readable()
+        self._live()
         self._check_range(offset, length, "read")
         if length == 0:
             return b""
-        pool = self.pool
-        pool._check_open()
         bs = pool.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         maps = self._map(first, last)
@@ -151,11 +163,12 @@ class Volume:
             while not self._write(offset, data):
                 pass       # waited for space: the pool may have changed, start over
 
-    def _write(self, offset: int, data) -> bool:
+    def _write(self, offset: int, data, limit: int | None = None) -> bool:
         data = memoryview(data).cast("B")
         length = data.nbytes
-        self._check_range(offset, length, "write")
         pool = self.pool
+        self._live()
+        self._check_range(offset, length, "write", limit)
         pool._check_writable()
         if length == 0:
             return True
@@ -180,6 +193,7 @@ class Volume:
         end = offset + length
         dev = pool._data
         new = np.zeros(0, np.int64)
+        mark = meta.mark()
         if fresh:   # allocate first: running out of space must change nothing
             prev = maps.get(fresh[0] - 1)           # (maps covers first - 1 .. last)
             new = pool._allocate(len(fresh), None if prev is None else prev[0] + 1)
@@ -209,7 +223,7 @@ class Volume:
                 hi = min(end, (vb + n) * bs)
                 dev.write_span(db, lo - vb * bs, data[lo - offset: hi - offset])
         except BaseException:
-            pool._release(new)
+            pool._release(new, mark)     # the transaction is as it was before this write
             raise
         if len(fresh) == 1:
             meta.insert(self.dev_id, fresh[0], int(new[0]))
@@ -223,8 +237,9 @@ class Volume:
             self._discard(offset, length)
 
     def _discard(self, offset: int, length: int) -> None:
-        self._check_range(offset, length, "discard")
         pool = self.pool
+        self._live()
+        self._check_range(offset, length, "discard")
         pool._check_writable()
         if length == 0:
             return
@@ -256,15 +271,52 @@ class Volume:
             pool._meta.remove_range(self.dev_id, whole_lo, whole_hi)
 
     def flush(self) -> None:
+        with self.pool._mutex:
+            self._live()
         self.pool.commit()
+
+    # -- resizing (the pool's device change calls these) -------------------------------------
+    def tail_needs_block(self, old_size: int, length: int) -> int:
+        """1 if zeroing ``length`` bytes from ``old_size`` (inside its last block) needs a new
+        data block (the block is shared and the bytes are not zeros already), else 0."""
+        with self.pool._guard():
+            self._live()
+            meta = self.pool._meta
+            m = meta.lookup(self.dev_id, old_size // self._bs)
+            if m is None or not meta.is_shared(self.dev_id, m[1]):
+                return 0
+            return int(self._read_past(old_size, length).count(0) != length)
+
+    def _read_past(self, offset: int, length: int) -> bytes:
+        """Bytes of the device past its size (inside its last block)."""
+        meta = self.pool._meta
+        bs = self._bs
+        m = meta.lookup(self.dev_id, offset // bs)
+        if m is None:
+            return bytes(length)
+        return self.pool._data.read_span(m[0], offset % bs, length)
+
+    def zero_tail(self, old_size: int, length: int) -> None:
+        """Make ``length`` bytes from ``old_size`` (the rest of the last block, a shrink may have
+        left data there) read as zeros, before the size grows past them."""
+        with self.pool._guard():
+            self._live()
+            if self._read_past(old_size, length).count(0) == length:
+                return
+            while not self._write(old_size, bytes(length), limit=old_size + length):
+                pass
 
     # -- information -------------------------------------------------------------------------
     @property
     def mapped_blocks(self) -> int:
-        return self.pool._meta.device(self.dev_id).mapped_blocks
+        with self.pool._mutex:
+            self._live()
+            return self.pool._meta.device(self.dev_id).mapped_blocks
 
     def mappings(self) -> list[tuple[int, int, int]]:
         """Every mapping as (virtual block, data block, time), in order."""
+        with self.pool._mutex:
+            self._live()
         out = []
         for keys, vals in self.pool._meta.mappings(self.dev_id):
             for k, v in zip(keys.tolist(), vals.tolist()):

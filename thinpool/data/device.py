@@ -33,8 +33,8 @@ Errors
 device, a path that is neither a regular file nor a block device); ``NotFound`` for a missing path;
 ``AlreadyExists`` when :meth:`create_file` meets an existing path; ``ReadOnlyError`` for changing a
 device opened read-only; ``BusyError`` for a device in use (EBUSY); ``NoDataSpace`` when the
-filesystem under a sparse file is full (ENOSPC, EDQUOT); ``ThinpoolError`` for any other OS error
-and for use after :meth:`close`. OS errors are chained (``raise ... from``), so the errno survives
+filesystem under a sparse file is full (ENOSPC, EDQUOT); ``DeviceIOError`` (device, operation,
+data block, errno) for any other OS error of an I/O; ``ThinpoolError`` for use after :meth:`close`. OS errors are chained (``raise ... from``), so the errno survives
 as ``err.__cause__.errno``. "Not supported" (no hole punching, no discard, no ``copy_file_range``,
 no ``BLKZEROOUT``) is never an error: each call falls back or reports it, as documented per method.
 
@@ -61,6 +61,7 @@ from typing import Callable
 from thinpool.errors import (
     AlreadyExists,
     BusyError,
+    DeviceIOError,
     InvalidArgument,
     NoDataSpace,
     NotFound,
@@ -138,8 +139,10 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def _os_error(exc: OSError, what: str) -> ThinpoolError:
-    """Map an OSError from ``what`` to the thinpool error a caller can act on."""
+def _os_error(exc: OSError, what: str, *, device: str = "", operation: str = "open",
+              block: int | None = None) -> ThinpoolError:
+    """Map an OSError from ``what`` to the thinpool error a caller can act on (an I/O error
+    keeps the device, the operation and the block)."""
     msg = f"{what}: {exc.strerror or exc}"
     code = exc.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -152,7 +155,7 @@ def _os_error(exc: OSError, what: str) -> ThinpoolError:
         return NotFound(msg)
     if code == errno.EEXIST:
         return AlreadyExists(msg)
-    return ThinpoolError(msg)
+    return DeviceIOError(msg, device=device, operation=operation, block=block, errno=code)
 
 
 def _check_int(name: str, value: object, minimum: int = 0) -> int:
@@ -214,7 +217,7 @@ class DataDevice:
         except FileExistsError:
             raise AlreadyExists(f"cannot create data file {path!r}: it exists already") from None
         except OSError as exc:
-            raise _os_error(exc, f"cannot create data file {path!r}") from exc
+            raise _os_error(exc, f"cannot create data file {path!r}", device=path) from exc
         try:
             os.ftruncate(fd, size_bytes)
             os.fsync(fd)
@@ -222,7 +225,7 @@ class DataDevice:
         except OSError as exc:
             os.close(fd)
             _unlink_quietly(path)
-            raise _os_error(exc, f"cannot create data file {path!r} of {size_bytes} bytes") from exc
+            raise _os_error(exc, f"cannot create data file {path!r} of {size_bytes} bytes", device=path) from exc
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
@@ -243,7 +246,7 @@ class DataDevice:
         try:
             st = os.stat(path)
         except OSError as exc:
-            raise _os_error(exc, f"cannot open data device {path!r}") from exc
+            raise _os_error(exc, f"cannot open data device {path!r}", device=path) from exc
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise InvalidArgument(f"data device {path!r} is neither a regular file nor a block device")
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -252,7 +255,7 @@ class DataDevice:
         try:
             fd = os.open(path, flags)
         except OSError as exc:
-            raise _os_error(exc, f"cannot open data device {path!r}") from exc
+            raise _os_error(exc, f"cannot open data device {path!r}", device=path) from exc
         try:
             st = os.fstat(fd)  # the path may have changed between stat and open
             is_blk = stat.S_ISBLK(st.st_mode)
@@ -300,7 +303,8 @@ class DataDevice:
             os.fdatasync(fd)
         except OSError as exc:
             self._dirty = True
-            raise _os_error(exc, f"cannot sync {self.path!r}") from exc
+            raise _os_error(exc, f"cannot sync {self.path!r}", device=self.path,
+                            operation="sync") from exc
 
     def grow(self, new_size_bytes: int) -> None:
         """Make the device ``new_size_bytes`` long and refresh ``size``/``nr_blocks``.
@@ -328,7 +332,8 @@ class DataDevice:
             os.ftruncate(fd, new_size_bytes)
             os.fsync(fd)
         except OSError as exc:
-            raise _os_error(exc, f"cannot grow {self.path!r} to {new_size_bytes} bytes") from exc
+            raise _os_error(exc, f"cannot grow {self.path!r} to {new_size_bytes} bytes",
+                                device=self.path, operation="grow") from exc
         self._refresh_size()
 
     # --- reads and writes --------------------------------------------------------------------
@@ -398,7 +403,8 @@ class DataDevice:
             data = os.pread(self._fd, length, block * self.block_size + offset_in_block)
         except OSError as exc:
             off = block * self.block_size + offset_in_block
-            raise _os_error(exc, f"cannot read {length} bytes at {off} from {self.path!r}") from exc
+            raise self._io_error(exc, f"cannot read {length} bytes at {off} from {self.path!r}",
+                                 "read", off) from exc
         if len(data) == length:
             return data
         return self._pread(block * self.block_size + offset_in_block, length)
@@ -415,7 +421,8 @@ class DataDevice:
         try:
             n = os.pwrite(self._fd, data, off)
         except OSError as exc:
-            raise _os_error(exc, f"cannot write {len(data)} bytes at {off} to {self.path!r}") from exc
+            raise self._io_error(exc, f"cannot write {len(data)} bytes at {off} to {self.path!r}",
+                                 "write", off) from exc
         if n != len(data):
             self._pwrite(off + n, memoryview(data).cast("B")[n:])
 
@@ -495,6 +502,10 @@ class DataDevice:
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _io_error(self, exc: OSError, what: str, operation: str, offset: int) -> ThinpoolError:
+        return _os_error(exc, what, device=self.path, operation=operation,
+                         block=offset // self.block_size)
+
     def _live_fd(self) -> int:
         if self._fd < 0:
             raise ThinpoolError(f"data device {self.path!r} is closed")
@@ -512,7 +523,8 @@ class DataDevice:
             else:
                 size = os.fstat(fd).st_size
         except OSError as exc:
-            raise _os_error(exc, f"cannot read the size of {self.path!r}") from exc
+            raise _os_error(exc, f"cannot read the size of {self.path!r}", device=self.path,
+                            operation="stat") from exc
         self.size = size
         self.nr_blocks = size // self.block_size
 
@@ -549,8 +561,8 @@ class DataDevice:
                     break  # end of file: the rest stays zero
                 done += n
         except OSError as exc:
-            raise _os_error(exc, f"cannot read {length} bytes at {offset} from {self.path!r}"
-                            ) from exc
+            raise self._io_error(exc, f"cannot read {length} bytes at {offset} from {self.path!r}",
+                                 "read", offset) from exc
         finally:
             view.release()
         return bytes(buf)
@@ -566,8 +578,8 @@ class DataDevice:
                     raise OSError(errno.EIO, "pwrite made no progress")
                 done += n
         except OSError as exc:
-            raise _os_error(exc, f"cannot write {length} bytes at {offset} to {self.path!r}"
-                            ) from exc
+            raise self._io_error(exc, f"cannot write {length} bytes at {offset} to {self.path!r}",
+                                 "write", offset) from exc
 
     def _write_zeros(self, offset: int, length: int) -> None:
         zeros = memoryview(_ZEROS)
@@ -593,8 +605,8 @@ class DataDevice:
                 if exc.errno in _COPY_FALLBACK:
                     self._copy_file_range_ok = False
                     break
-                raise _os_error(exc, f"cannot copy {length} bytes from {src_off} to {dst_off} "
-                                f"in {self.path!r}") from exc
+                raise self._io_error(exc, f"cannot copy {length} bytes from {src_off} to {dst_off} "
+                                     f"in {self.path!r}", "copy", dst_off) from exc
             if n == 0:
                 break  # source beyond end-of-file: let the fallback pad with zeros
             done += n
@@ -613,8 +625,8 @@ class DataDevice:
             if exc.errno in _UNSUPPORTED:
                 return False
             what = "zero" if zero else "release"
-            raise _os_error(exc, f"cannot {what} {length} bytes at {offset} of {self.path!r}"
-                            ) from exc
+            raise self._io_error(exc, f"cannot {what} {length} bytes at {offset} of {self.path!r}",
+                                 what, offset) from exc
         return True
 
 

@@ -16,11 +16,17 @@ Contract:
   the same nodes one by one with ``read``, which names it. It bypasses the cache.
 * Clean blocks are kept in a bounded LRU cache (``cache_blocks`` entries, default 8192 = 32 MiB);
   it never grows past that bound. Writes replace the cached copy.
+* OS errors never come out raw: a failed read, write or flush raises
+  :class:`~thinpool.errors.MetadataIOError` naming the block and the operation; ENOSPC or EDQUOT
+  on a write (a sparse metadata file on a full file system) raises
+  :class:`~thinpool.errors.NoMetadataSpace`. A failed write leaves the block's cached copy
+  forgotten (what reached the disk is unknown).
 * Nothing here knows about transactions: shadowing and commit order live in ``transaction.py``.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import stat
 import struct
@@ -29,7 +35,8 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from ..errors import ChecksumMismatch, CorruptBlock, InvalidArgument, MetadataError
+from ..errors import (ChecksumMismatch, CorruptBlock, InvalidArgument, MetadataError,
+                      MetadataIOError, NoMetadataSpace)
 from . import format as fmt
 from .checksum import block_checksum, block_checksums, seal, stored_checksum
 
@@ -138,7 +145,10 @@ class BlockManager:
         if b >= self.nr_blocks:
             raise CorruptBlock(b, "block", "past the end of the metadata device",
                                f"device has {self.nr_blocks} blocks")
-        data = os.pread(self._fd, fmt.BLOCK_SIZE, b * fmt.BLOCK_SIZE)
+        try:
+            data = os.pread(self._fd, fmt.BLOCK_SIZE, b * fmt.BLOCK_SIZE)
+        except OSError as e:
+            raise self._io_error(e, "read", b) from e
         if len(data) != fmt.BLOCK_SIZE:
             raise MetadataError(f"short read of metadata block {b} from {self.path}")
         return data
@@ -164,7 +174,10 @@ class BlockManager:
             # A run of neighbouring blocks that also sit next to each other in the output.
             first_out = int(order[a])
             want = (z - a) * bs
-            got = os.preadv(self._fd, [mv[first_out * bs: first_out * bs + want]], int(sb[a]) * bs)
+            try:
+                got = os.preadv(self._fd, [mv[first_out * bs: first_out * bs + want]], int(sb[a]) * bs)
+            except OSError as e:
+                raise self._io_error(e, "read", int(sb[a])) from e
             if got != want:
                 return None
         return out if NODE_VALIDATOR.all_valid(out, blocks) else None
@@ -220,7 +233,23 @@ class BlockManager:
                 run, run_start = [data], b
         self._writev(run_start, run)
 
+    def _io_error(self, e: OSError, op: str, block: int | None):
+        """The typed error for an OS error of ``op`` on ``block``."""
+        where = "" if block is None else f" block {block}"
+        msg = f"cannot {op} metadata{where} of {self.path}: {e.strerror or e}"
+        if op == "write" and e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+            return NoMetadataSpace(msg)
+        return MetadataIOError(msg, device=self.path, operation=op, block=block, errno=e.errno)
+
     def _writev(self, start: int, bufs: list[bytes]) -> None:
+        try:
+            self._writev_raw(start, bufs)
+        except OSError as e:
+            for b in range(start, start + len(bufs)):
+                self.forget(b)
+            raise self._io_error(e, "write", start) from e
+
+    def _writev_raw(self, start: int, bufs: list[bytes]) -> None:
         while bufs:
             chunk = bufs[:512]
             n = os.pwritev(self._fd, chunk, start * fmt.BLOCK_SIZE)
@@ -244,15 +273,21 @@ class BlockManager:
     def zero_block(self, b: int) -> None:
         """Overwrite a block with zeros and flush (to invalidate, e.g., a half-written superblock)."""
         self.forget(b)
-        self._write_all(b, bytes(fmt.BLOCK_SIZE))
-        os.fsync(self._fd)
+        try:
+            self._write_all(b, bytes(fmt.BLOCK_SIZE))
+            os.fsync(self._fd)
+        except OSError as e:
+            raise self._io_error(e, "write", b) from e
 
     def flush(self) -> None:
         # fdatasync: the blocks and whatever the file system needs to read them back (a sparse
         # file's new extents); not the modification time, whose journal commit an fsync would
         # add to every metadata commit.
         if not self.read_only:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                raise self._io_error(e, "flush", None) from e
 
     def refresh_size(self) -> int:
         """Re-read the device size (after the file was grown); returns the block count."""

@@ -10,7 +10,11 @@ Guarantees:
 
 * :meth:`SpaceMap.alloc` / :meth:`SpaceMap.alloc_run` only return blocks that are free both now
   and at the last commit: a block freed in this transaction is never reused before the commit
-  (the kernel's rule; it keeps the committed trees and the committed data intact).
+  (the kernel's rule; it keeps the committed trees and the committed data intact). With
+  ``hold_freed`` (the data space map) that holds even for a block allocated *and* freed in this
+  transaction: it is held until the commit, so a lock-free reader that found it mapped can never
+  read another owner's bytes in it while the generation stands still. :meth:`release_run` gives
+  back blocks that were allocated and never referenced; those are not held.
 * :meth:`commit` writes only what changed (``counts != committed``, compared with numpy inside the
   bitmaps touched since the last commit, so its cost follows the change, not the device size):
   changed bitmaps are shadowed and rewritten, overflow entries inserted or removed, index entries
@@ -82,6 +86,9 @@ class SpaceMap:
         self.force_dirty: set[int] = set()   # bitmaps whose summary changed without a count change
         self.touched: set[int] = set()       # bitmaps with a count changed since the last commit
         self._allocated_at_commit = 0
+        self.hold_freed = False
+        self._held: set[int] = set()         # freed in this transaction, not reusable before commit
+        self._held_arr: np.ndarray | None = None
 
     @property
     def nr_blocks(self) -> int:
@@ -111,7 +118,28 @@ class SpaceMap:
             raise MetadataError(f"{self.kind} space map: reference count of block {b} would drop below 0")
         self.counts[b] = c - 1
         self.touched.add(b // E)
+        if c == 1 and self.hold_freed and not self.committed[b]:
+            self._hold(np.array([b], np.int64))
         return c - 1
+
+    def _hold(self, blocks: np.ndarray) -> None:
+        self._held.update(blocks.tolist())
+        self._held_arr = None
+
+    def _held_in(self, lo: int, hi: int) -> np.ndarray:
+        """Held blocks in [lo, hi), relative to lo."""
+        if self._held_arr is None:
+            self._held_arr = np.array(sorted(self._held), np.int64)
+        h = self._held_arr
+        return h[(h >= lo) & (h < hi)] - lo
+
+    def release_run(self, blocks: np.ndarray) -> None:
+        """Undo an allocation whose blocks nobody references: counts back to 0, not held."""
+        idx = np.asarray(blocks, np.int64)
+        if len(idx) and int(self.counts[idx].max()) != 1:
+            raise MetadataError(f"{self.kind} space map: released blocks are referenced")
+        self.counts[idx] = 0
+        self._touch_many(idx)
 
     def inc_many(self, blocks: np.ndarray) -> None:
         idx = blocks.astype(np.int64)
@@ -125,6 +153,10 @@ class SpaceMap:
         # uint32 wraps on underflow: a wrapped count is a bug in the caller, never valid.
         if len(idx) and int(self.counts[idx].max()) > 0x7FFFFFFF:
             raise MetadataError(f"{self.kind} space map: a reference count dropped below 0")
+        if self.hold_freed and len(idx):
+            gone = idx[(self.counts[idx] == 0) & (self.committed[idx] == 0)]
+            if len(gone):
+                self._hold(gone)
 
     def recount(self) -> None:
         """Re-derive the change tracking after ``counts``/``committed`` were assigned wholesale."""
@@ -154,7 +186,7 @@ class SpaceMap:
     def nr_allocatable(self) -> int:
         """Blocks free now and at the last commit (what alloc can hand out before commit)."""
         freed = sum(int(np.count_nonzero((c == 0) & (k > 0))) for _, c, k in self._segments())
-        return self.nr_blocks - self.nr_allocated() - freed
+        return self.nr_blocks - self.nr_allocated() - freed - len(self._held)
 
     # -- allocation --------------------------------------------------------------------------
     def _free_chunks(self, start: int, chunk: int):
@@ -168,7 +200,10 @@ class SpaceMap:
             step = min(chunk, 512)
             while pos < hi:
                 end = min(hi, pos + step)
-                free = np.flatnonzero((self.counts[pos:end] == 0) & (self.committed[pos:end] == 0))
+                ok = (self.counts[pos:end] == 0) & (self.committed[pos:end] == 0)
+                if self._held:
+                    ok[self._held_in(pos, end)] = False
+                free = np.flatnonzero(ok)
                 if len(free):
                     yield free + pos
                 pos = end
@@ -301,6 +336,8 @@ class SpaceMap:
         self.touched.clear()
         self._queue = []
         self.force_dirty.clear()
+        self._held.clear()
+        self._held_arr = None
 
     def freed_since_commit(self) -> np.ndarray:
         parts = [np.flatnonzero((k > 0) & (c == 0)) + i * E for i, c, k in self._segments()]
@@ -316,6 +353,7 @@ class DataSpaceMap(SpaceMap):
     def __init__(self, nr_blocks: int):
         super().__init__(nr_blocks, kind="data")
         self.index_root = 0
+        self.hold_freed = True
 
     @classmethod
     def load(cls, tm: TransactionManager, root: fmt.SpaceMapRoot) -> "DataSpaceMap":

@@ -17,6 +17,21 @@ State and guarantees:
   :meth:`commit`, which then commits the data space map, the metadata space map, every other block
   and last the superblock (flushing before and after it). After a crash the metadata is exactly
   the last commit. :meth:`abort` throws the transaction away and re-reads the superblock.
+* **One owner of the transaction's view.** Everything derived from the metadata (space maps,
+  trees, device roots and details, lookup caches) belongs to this object and is rebuilt by
+  :meth:`_load` alone, which every open and every :meth:`abort` goes through; callers keep no
+  references to those parts beyond one call (the pool's allocator goes through
+  :meth:`alloc_data`; a volume's lock-free read state is checked against :attr:`generation`).
+* **What an exception midway leaves.** Each mutating method validates its arguments first and
+  raises (``NotFound``, ``AlreadyExists``, ``InvalidArgument``) before changing anything; once it
+  has begun to change state it counts one change (:attr:`changes`, back to 0 at every commit and
+  load). An exception after that point may leave the in-memory transaction half updated: the
+  caller must :meth:`abort` (the pool does, and degrades). :meth:`intact_since` tells a caller
+  whether anything changed since a :meth:`mark`.
+* **Freed data blocks wait for the commit.** A data block whose count drops to 0 is not handed
+  out again before the next commit, even if it was allocated in this transaction (the kernel's
+  rule for metadata blocks, kept for data too): a reader that looked its mapping up before the
+  free can never read another volume's bytes in it without the generation moving.
 * Errors: :class:`~thinpool.errors.MetadataError` subclasses for damage, ``NotFound`` /
   ``AlreadyExists`` for device ids, ``NoMetadataSpace`` / ``NoDataSpace`` when space runs out.
 
@@ -32,7 +47,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument, MetadataError,
-                      NotFound, ReadOnlyError)
+                      NoDataSpace, NotFound, ReadOnlyError)
 from . import format as fmt
 from .block import SUPERBLOCK_VALIDATOR, BlockManager
 from .btree import BTree, ValueType
@@ -61,6 +76,10 @@ class ThinMetadata:
     def __init__(self, bm: BlockManager):
         self.bm = bm
         self.read_only = bm.read_only
+        self.changes = 0          # state changes since the last commit or load
+        self.commits = 0          # commits made through this object
+        self.generation = 0       # see _reset_changes
+        self._lcache: dict[int, dict[int, tuple[int, int] | None]] = {}
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -137,6 +156,10 @@ class ThinMetadata:
             self.mapping_tree.delete(r)
 
     def _load(self) -> None:
+        """(Re)build the whole view from the committed superblock: the only place that does."""
+        self.changes += 1                  # a half-done load is a half-done change
+        self._lcache = {}
+        self.bm.clear_cache()
         raw = self.bm.read(fmt.SUPERBLOCK_LOCATION, SUPERBLOCK_VALIDATOR)
         sb = fmt.Superblock.unpack(raw)
         if sb.magic != fmt.THIN_MAGIC:
@@ -171,20 +194,19 @@ class ThinMetadata:
         missing = sorted(set(self.roots) - set(self.devices))
         if missing:
             raise MetadataError(f"device {missing[0]} has a mapping tree but no details")
-        self._reset_changes()
         if not self.read_only:
             bigger = min(self.bm.nr_blocks, fmt.MAX_METADATA_BLOCKS)
             if bigger > self.metadata_sm.nr_blocks:
                 self.metadata_sm.extend(bigger)
+        self._reset_changes()
 
     def _reset_changes(self) -> None:
-        if not hasattr(self, "_lcache"):
-            self._lcache: dict[int, dict[int, tuple[int, int] | None]] = {}
         # Counts loads, commits, aborts and the close. A data block freed by this object can be
         # handed out again only after one of them, so a reader that saw the same generation
         # before it looked a mapping up and after it read the block read no one else's data
         # (Volume.read's lock-free path relies on it).
-        self.generation = getattr(self, "generation", 0) + 1
+        self.generation += 1
+        self.changes = 0
         self._committed_snap = self.sb.metadata_snap
         self._owned: set[int] = set()
         self._dirty_roots: set[int] = set()
@@ -194,6 +216,64 @@ class ThinMetadata:
     def close(self) -> None:
         self.generation += 1
         self.bm.close()
+
+    # -- change tracking ---------------------------------------------------------------------
+    def _change(self) -> None:
+        """Called by every mutating method at its first change, after its checks."""
+        self._writable()
+        self.changes += 1
+
+    def mark(self) -> tuple[int, int]:
+        """A point to compare with :meth:`intact_since`."""
+        return self.commits, self.changes
+
+    def intact_since(self, mark: tuple[int, int]) -> bool:
+        """True when the transaction holds nothing half done since ``mark``: nothing changed at
+        all, or a commit made since then is followed by no change (a failed step after it was
+        rolled back to that commit by :meth:`abort`)."""
+        commits, changes = mark
+        if self.commits == commits:
+            return self.changes == changes
+        return self.changes == 0
+
+    def cached_lookups(self, dev_id: int) -> dict | None:
+        """The lookup cache of a device (vblock -> mapping or None), valid for this
+        :attr:`generation` only; None when nothing was looked up."""
+        return self._lcache.get(dev_id)
+
+    # -- data blocks -------------------------------------------------------------------------
+    def alloc_data(self, count: int, hint: int | None = None) -> np.ndarray:
+        """``count`` free data blocks (count 1 each), or NoDataSpace and no change."""
+        if count == 0:
+            return np.zeros(0, np.int64)
+        before = self.changes
+        self._change()
+        try:
+            return self.data_sm.alloc_run(count, hint)
+        except NoDataSpace:          # raised before the space map changed anything
+            self.changes = before
+            raise
+
+    def release_data(self, blocks: np.ndarray, mark: tuple[int, int] | None = None) -> None:
+        """Give back blocks from :meth:`alloc_data` that were never mapped. With the ``mark``
+        taken just before that allocation, and nothing else changed since, the transaction is
+        then exactly as it was at the mark."""
+        self._change()
+        self.data_sm.release_run(np.asarray(blocks, np.int64))
+        if mark is not None and mark[0] == self.commits and self.changes == mark[1] + 2:
+            self.changes = mark[1]
+
+    def still_free_data(self, blocks: np.ndarray) -> np.ndarray:
+        """Those of ``blocks`` that are free now and at the last commit, sorted, no repeats."""
+        b = np.sort(np.asarray(blocks, np.int64))
+        if len(b):
+            b = b[np.concatenate(([True], b[1:] != b[:-1]))]
+        sm = self.data_sm
+        return b[(sm.counts[b] == 0) & (sm.committed[b] == 0)]
+
+    def data_available(self) -> int:
+        """Data blocks :meth:`alloc_data` can hand out before the next commit."""
+        return self.data_sm.nr_allocatable()
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -239,6 +319,7 @@ class ThinMetadata:
     def create_thin(self, dev_id: int) -> None:
         self._writable()
         self._check_new_id(dev_id)
+        self._change()
         self.roots[dev_id] = self.mapping_tree.empty()
         self._dirty_roots.add(dev_id)
         self.devices[dev_id] = Device(dev_id, 0, self.trans_id, self.time, self.time)
@@ -250,6 +331,7 @@ class ThinMetadata:
         self._check_new_id(dev_id)
         origin = self.device(origin_id)
         root = self.roots[origin_id]
+        self._change()
         self.tm.inc(root)
         self.roots[dev_id] = root
         self._dirty_roots.add(dev_id)
@@ -262,6 +344,7 @@ class ThinMetadata:
     def delete(self, dev_id: int) -> None:
         self._writable()
         self.device(dev_id)
+        self._change()
         self.top_root, _ = self.top_tree.remove(self.top_root, dev_id, callbacks=False)
         self.mapping_tree.delete(self.roots.pop(dev_id))
         self._lcache.pop(dev_id, None)
@@ -276,6 +359,7 @@ class ThinMetadata:
         tree's data-block references must already be counted by the caller."""
         self._writable()
         self._check_new_id(dev_id)
+        self._change()
         self.roots[dev_id] = root
         self._dirty_roots.add(dev_id)
         self.devices[dev_id] = Device(dev_id, mapped_blocks, transaction_id, creation_time,
@@ -284,7 +368,7 @@ class ThinMetadata:
         self._deleted.discard(dev_id)
 
     def set_transaction_id(self, trans_id: int) -> None:
-        self._writable()
+        self._change()
         self.trans_id = trans_id
 
     # -- mappings ----------------------------------------------------------------------------
@@ -354,6 +438,7 @@ class ThinMetadata:
         time. An overwritten mapping's old data block loses a reference. Returns the old mapping."""
         self._writable()
         dev = self.device(dev_id)
+        self._change()
         self._own(dev_id)
         root = self.roots[dev_id]
         new_root, old = self.mapping_tree.insert(root, vblock, fmt.pack_mapping(data_block, self.time))
@@ -381,6 +466,7 @@ class ThinMetadata:
             raise InvalidArgument("insert_run: vblocks and data_blocks differ in length")
         if not len(vb):
             return 0
+        self._change()
         self._own(dev_id)
         root = self.roots[dev_id]
         values = (db << np.uint64(fmt.TIME_BITS)) | np.uint64(self.time & fmt.TIME_MASK)
@@ -403,6 +489,7 @@ class ThinMetadata:
         """Unmap ``vblock``; its data block loses a reference. Returns the old mapping or None."""
         self._writable()
         self.device(dev_id)
+        self._change()
         self._own(dev_id)
         root = self.roots[dev_id]
         new_root, old = self.mapping_tree.remove(root, vblock)
@@ -430,6 +517,7 @@ class ThinMetadata:
         self._writable()
         if nr_blocks < self.data_sm.nr_blocks:
             raise InvalidArgument("the data device cannot shrink")
+        self._change()
         self.data_sm.extend(nr_blocks)
 
     def resize_metadata(self) -> None:
@@ -437,6 +525,7 @@ class ThinMetadata:
         self._writable()
         n = min(self.bm.refresh_size(), fmt.MAX_METADATA_BLOCKS)
         if n > self.metadata_sm.nr_blocks:
+            self._change()
             self.metadata_sm.extend(n)
 
     # -- needs_check -------------------------------------------------------------------------
@@ -455,14 +544,16 @@ class ThinMetadata:
         self.bm.flush()
 
     # -- held metadata snapshot --------------------------------------------------------------
-    def reserve_metadata_snap(self) -> int:
+    def reserve_metadata_snap(self) -> tuple[int, np.ndarray]:
         """Commit, then keep a copy of the superblock whose trees stay intact for readers
-        (``thin_dump -m``) while the pool goes on changing. Returns the copy's block."""
+        (``thin_dump -m``) while the pool goes on changing. Returns the copy's block and the
+        data blocks the first commit freed (see :meth:`commit`)."""
         from .block import SUPERBLOCK_VALIDATOR as SBV
         self._writable()
         if self.sb.metadata_snap:
             raise AlreadyExists(f"a metadata snapshot is already held (block {self.sb.metadata_snap})")
-        self.commit()
+        freed = self.commit()
+        self._change()
         held, buf = self.tm.new_block(SBV)
         copy = fmt.Superblock(**{**self.sb.__dict__, "data_sm_root": bytes(128),
                                  "metadata_sm_root": bytes(128), "metadata_snap": 0})
@@ -471,7 +562,7 @@ class ThinMetadata:
         self.tm.inc(self.sb.device_details_root)
         self.sb = fmt.Superblock(**{**self.sb.__dict__, "metadata_snap": held})
         self.commit()
-        return held
+        return held, freed
 
     def release_metadata_snap(self) -> None:
         """Drop the held metadata snapshot and every block only it still used."""
@@ -481,6 +572,7 @@ class ThinMetadata:
         if not held:
             raise NotFound("no metadata snapshot is held")
         copy = fmt.Superblock.unpack(self.tm.read(held, SBV))
+        self._change()
         self.top_tree.delete(copy.data_mapping_root)
         self.details_tree.delete(copy.device_details_root)
         self.tm.dec(held)
@@ -490,8 +582,11 @@ class ThinMetadata:
     # -- transactions ------------------------------------------------------------------------
     def commit(self) -> np.ndarray:
         """Make the current transaction durable. Returns the data blocks it freed (count now 0,
-        in use at the previous commit): the caller may discard them once this returns."""
-        self._writable()
+        in use at the previous commit): the caller may discard them once this returns.
+
+        A failure rolls the transaction back (:meth:`abort`) and is raised; a write that failed
+        may still have reached the disk, so the pool must then treat its state as unknown."""
+        self._change()
         try:
             for dev in sorted(self._dirty_roots):
                 self.top_root, _ = self.top_tree.insert(self.top_root, dev, self.roots[dev], callbacks=False)
@@ -517,14 +612,14 @@ class ThinMetadata:
         freed = self.data_sm.freed_since_commit()
         self.data_sm.mark_committed()
         self.metadata_sm.mark_committed()
+        self.commits += 1
         self._reset_changes()
         return freed
 
     def abort(self) -> None:
-        """Forget everything since the last commit."""
+        """Forget everything since the last commit: the view is rebuilt from the superblock."""
+        self.changes += 1
         self.tm.abort()
-        self.bm.clear_cache()
-        self._lcache = {}
         self._load()
 
 
