@@ -1,5 +1,8 @@
 """Crash harness: record every write and flush a workload makes, then rebuild what a disk could
-hold after a crash at any point, and check the pool that opens from it.
+hold after a crash at any point, and check the pool that opens from it. The same wrapping of
+the library's system calls injects faults (:class:`Faults`: EIO or ENOSPC at the Nth read, write,
+sync or punch of one file) and :class:`Interrupt` raises ``KeyboardInterrupt`` at the Nth
+Python call inside a package (``thinpool.metadata``).
 
 Recording (:class:`Recorder`) wraps the system calls the library's two I/O layers use
 (``os.pwrite``, ``os.pwritev``, ``os.copy_file_range``, ``os.ftruncate``, ``os.fsync``,
@@ -25,9 +28,11 @@ at or after ``c`` and before ``k`` — never anything else (not another volume's
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +51,15 @@ class Event:
     length: int = 0
 
 
+def file_of(root: str, fd: int) -> str | None:
+    """The path of ``fd``'s file relative to ``root``, or None when it lies elsewhere."""
+    try:
+        p = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return os.path.relpath(p, root) if p.startswith(root + "/") else None
+
+
 class Recorder:
     """Logs the effect of every write-side system call on files below ``root``."""
 
@@ -55,11 +69,7 @@ class Recorder:
         self._saved: dict = {}
 
     def _name(self, fd: int) -> str | None:
-        try:
-            p = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            return None
-        return os.path.relpath(p, self.root) if p.startswith(self.root + "/") else None
+        return file_of(self.root, fd)
 
     def __enter__(self) -> "Recorder":
         real = {n: getattr(os, n) for n in ("pwrite", "pwritev", "fsync", "fdatasync",
@@ -131,6 +141,96 @@ class Recorder:
                 device_mod._fallocate = f
             else:
                 setattr(os, n, f)
+
+
+# -- fault injection -------------------------------------------------------------------------
+_KINDS = {"pread": "read", "preadv": "read", "pwrite": "write", "pwritev": "write",
+          "copy_file_range": "write", "fsync": "sync", "fdatasync": "sync"}
+
+
+class Faults:
+    """Fail the ``nth`` system call of ``kinds`` (read, write, sync, punch) on file ``file``
+    (relative to ``root``, e.g. ``metadata`` or ``data``) with ``OSError(err)``; the call is not
+    performed. With ``nth=None`` nothing fails and :attr:`count` tells how many calls there were,
+    so a sweep can try every one. :attr:`fired` says whether the fault happened."""
+
+    def __init__(self, root: Path, file: str, kinds=("read", "write", "sync"), nth: int | None = None,
+                 err: int = errno.EIO):
+        self.root = str(Path(root).resolve())
+        self.file = file
+        self.kinds = {kinds} if isinstance(kinds, str) else set(kinds)
+        self.nth = nth
+        self.err = err
+        self.count = 0
+        self.fired = False
+        self._saved: dict = {}
+
+    def _hit(self, fd: int, kind: str) -> None:
+        if kind not in self.kinds or file_of(self.root, fd) != self.file:
+            return
+        self.count += 1
+        if self.nth is not None and self.count == self.nth:
+            self.fired = True
+            raise OSError(self.err, os.strerror(self.err))
+
+    def __enter__(self) -> "Faults":
+        self._saved = {n: getattr(os, n) for n in _KINDS}
+        self._saved["_fallocate"] = device_mod._fallocate
+
+        def wrap(name, real):
+            kind = _KINDS[name]
+            fd_arg = 1 if name == "copy_file_range" else 0      # the destination's descriptor
+
+            def call(*args, **kw):
+                self._hit(args[fd_arg], kind)
+                return real(*args, **kw)
+            return call
+
+        for n in _KINDS:
+            setattr(os, n, wrap(n, self._saved[n]))
+        real_falloc = self._saved["_fallocate"]
+
+        def fallocate(fd, mode, offset, length):
+            self._hit(fd, "punch")
+            return real_falloc(fd, mode, offset, length)
+
+        device_mod._fallocate = fallocate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for n, f in self._saved.items():
+            if n == "_fallocate":
+                device_mod._fallocate = f
+            else:
+                setattr(os, n, f)
+
+
+class Interrupt:
+    """Raise ``KeyboardInterrupt`` at the ``nth`` Python function call made in a module under
+    ``prefix`` (in this thread), as a Ctrl-C landing there would. With ``nth=None`` it only
+    counts (:attr:`count`); :attr:`fired` says whether it happened."""
+
+    def __init__(self, nth: int | None = None, prefix: str = "thinpool.metadata"):
+        self.nth = nth
+        self.prefix = prefix
+        self.count = 0
+        self.fired = False
+
+    def _trace(self, frame, event, arg):
+        if event == "call" and frame.f_globals.get("__name__", "").startswith(self.prefix):
+            self.count += 1
+            if self.count == self.nth:
+                self.fired = True
+                sys.settrace(None)
+                raise KeyboardInterrupt(f"injected at call {self.nth} ({frame.f_code.co_name})")
+        return None
+
+    def __enter__(self) -> "Interrupt":
+        sys.settrace(self._trace)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.settrace(None)
 
 
 def snapshot_files(root: Path) -> dict[str, bytearray]:

@@ -177,10 +177,15 @@ class Session:
         except MetadataError as e:
             raise MetadataError(f"pool {name!r} does not open: {e} (its metadata is damaged; "
                                 f"'thinpool check {name}' examines it)") from e
-        with pool:
-            for note in pool.notes:
-                output.note(f"pool {name}: {note}")
-            yield pool
+        seen = len(pool.notes)
+        for note in pool.notes:
+            output.note(f"pool {name}: {note}")
+        try:
+            with pool:
+                yield pool
+        finally:
+            for note in pool.notes[seen:]:      # what the command itself ran into
+                output.warn(f"pool {name}: {note}")
 
 
 def _describe_process(pid: int) -> str:

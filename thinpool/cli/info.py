@@ -131,6 +131,7 @@ def _show_pool(st: dict) -> None:
                      f"({_pct(meta_used, meta_total)})"),
         ("transaction id", str(st["transaction_id"])),
         ("mode", mode),
+        *([("degraded", st["degraded"])] if st.get("degraded") else []),
     ])
     if not st["volumes"]:
         output.echo("  no volumes")
