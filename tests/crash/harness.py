@@ -207,17 +207,24 @@ class Faults:
 
 class Interrupt:
     """Raise ``KeyboardInterrupt`` at the ``nth`` Python function call made in a module under
-    ``prefix`` (in this thread), as a Ctrl-C landing there would. With ``nth=None`` it only
+    ``prefix`` (in this thread), as a Ctrl-C landing there would; with ``after``, calls are
+    counted from the first call of the function of that name on. With ``nth=None`` it only
     counts (:attr:`count`); :attr:`fired` says whether it happened."""
 
-    def __init__(self, nth: int | None = None, prefix: str = "thinpool.metadata"):
+    def __init__(self, nth: int | None = None, prefix: str = "thinpool.metadata",
+                 after: str | None = None):
         self.nth = nth
         self.prefix = prefix
+        self.after = after          # count only from the first call of a function of this name
         self.count = 0
         self.fired = False
 
     def _trace(self, frame, event, arg):
         if event == "call" and frame.f_globals.get("__name__", "").startswith(self.prefix):
+            if self.after is not None:
+                if frame.f_code.co_name != self.after:
+                    return None
+                self.after = None
             self.count += 1
             if self.count == self.nth:
                 self.fired = True
