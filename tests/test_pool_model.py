@@ -3,7 +3,8 @@
 The model is a dict of volumes, each a size and a sparse dict of block contents (immutable bytes,
 so snapshots are cheap shallow copies) plus the set of blocks that must be mapped. After every
 step every volume's mapped bytes are read through ``Volume.read`` and compared with the model, and
-the mapping set is compared too. At the end of each example the real ``thin_check`` must pass,
+the mapping set is compared too. At the end of each example the real ``thin_check`` and
+``thinpool check`` must pass,
 ``thin_dump``'s mappings must equal what the pool reports, and both space maps must equal the
 counts recomputed from the trees (thin_check 0.9.0 does not check data counts).
 """
@@ -23,6 +24,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
 from thinpool import Pool
 from thinpool.errors import NoDataSpace
 from thinpool.metadata.walker import expected_counts
+from thinpool.tools.check import check
 from tests.tptools import parse_xml, requires_tools, thin_check, thin_dump
 
 BS = 64 * 1024
@@ -84,6 +86,8 @@ def final_checks(pool_dir: Path) -> None:
     meta_path = pool_dir / "metadata"
     r = thin_check(meta_path)
     assert r.returncode == 0, r.stderr
+    report = check(meta_path)                   # thinpool check: data reference counts too
+    assert report.clean, report
     dumped = parse_xml(thin_dump(meta_path))
     with Pool.open(pool_dir, read_only=True) as pool:
         meta = pool.metadata

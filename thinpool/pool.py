@@ -453,10 +453,10 @@ class Pool:
         """Run one operation under the pool's mutex and keep the rule of the module docstring:
         an exception leaves the transaction as it was, or the pool degrades."""
         with self._mutex:
-            self._depth += 1
-            outer = self._depth == 1
-            if outer:
+            outer = self._depth == 0
+            if outer:           # (an interrupt in here has changed nothing, depth included)
                 self._op_mark = None if self._meta is None else self._meta.mark()
+            self._depth += 1
             try:
                 yield
             except BaseException as e:
@@ -485,7 +485,8 @@ class Pool:
                 f"pool {self.name} ran out of metadata space ({e}); the transaction was rolled "
                 f"back and the pool is read-only: grow it with 'thinpool resize {self.name} "
                 f"--metadata-size SIZE', then run 'thinpool check {self.name}'")
-        what = "damaged metadata" if damage else "a failure inside a metadata change"
+        what = ("a metadata I/O error" if isinstance(e, MetadataIOError) else
+                "damaged metadata" if damage else "a failure inside a metadata change")
         self._degrade(f"{what} ({type(e).__name__}: {e}); the uncommitted transaction was "
                       f"rolled back")
         return None
@@ -550,9 +551,13 @@ class Pool:
                 self._data.sync()
             freed = self._meta.commit()
         except BaseException:
-            try:
-                self._meta.abort()
-            finally:
+            # If the abort itself fails, the pending record stays: the next open settles it.
+            self._meta.abort()
+            if self._meta.trans_id >= trans:
+                # The superblock was written before the failure (a flush after it failed): the
+                # change is in the metadata, so it is in the names too.
+                self._registry.finish(durable=False)
+            else:
                 self._registry.cancel()
             raise
         self._registry.finish(durable=False)     # the begin record + trans id already tell
