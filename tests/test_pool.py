@@ -14,8 +14,9 @@ from thinpool import Pool, PoolMode
 from thinpool.errors import (AlreadyExists, BusyError, InvalidArgument, NoDataSpace, NotFound,
                              OutOfRange, ReadOnlyError)
 from tests.holder import pool_held_elsewhere
+from tests.tptools import assert_checks_pass
 from tests.tptools import (TESTDATA_CASES, parse_xml, requires_tools, testdata_image,
-                           testdata_xml, thin_check, thin_dump, thin_restore)
+                           testdata_xml, thin_dump, thin_restore)
 
 BS = 64 * 1024
 MiB = 1 << 20
@@ -168,8 +169,7 @@ def test_out_of_data_space_then_resize(tmp_path):
         p.resize(data_size=32 * BS)
         b.write(10 * BS, b"more" * 100)
         assert p.mode == PoolMode.WRITE
-    r = thin_check(tmp_path / "p" / "metadata")
-    assert r.returncode == 0, r.stderr
+    assert_checks_pass(tmp_path / "p" / "metadata")
     with Pool.open(tmp_path / "p") as p:
         assert p.volume("b").read(10 * BS, 400) == b"more" * 100
         assert p.stat().data_blocks_total == 32
@@ -188,8 +188,7 @@ def test_resize_alone_is_durable(tmp_path):
     with Pool.open(tmp_path / "p") as p:
         st = p.stat()
         assert (st.data_blocks_total, st.metadata_blocks_total) == (32, 4 * MiB // 4096)
-    r = thin_check(tmp_path / "p" / "metadata")
-    assert r.returncode == 0, r.stderr
+    assert_checks_pass(tmp_path / "p" / "metadata")
 
 
 def test_volume_may_exceed_pool(pool):
@@ -409,8 +408,7 @@ def test_opens_random_thin_restore_metadata_and_writes_to_it(tmp_path, seed):
             v = p.volume(str(dev))
             v.write(3, b"written by thinpool")
             p.snapshot(str(dev), "snapshot")
-    r = thin_check(img)
-    assert r.returncode == 0, r.stderr
+    assert_checks_pass(img)
     if data is None:
         return
     again = parse_xml(thin_dump(img))

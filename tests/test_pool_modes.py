@@ -13,7 +13,8 @@ from thinpool import Pool, PoolMode
 from thinpool.errors import CorruptBlock, MetadataError, NoDataSpace, NoMetadataSpace, ReadOnlyError
 from thinpool.metadata.walker import MetadataReader
 from thinpool.tools.check import check
-from tests.tptools import requires_tools, thin_check
+from tests.tptools import assert_checks_pass
+from tests.tptools import requires_tools
 
 BS = 64 * 1024
 MiB = 1 << 20
@@ -117,7 +118,7 @@ def test_out_of_metadata_space_rolls_back_goes_read_only_and_recovers(tmp_path):
             v.write(0, b"refused")
         assert "thinpool check" in str(e2.value)
     # The flag is on disk; the committed data is intact; the metadata is consistent.
-    assert thin_check(tmp_path / "meta.img").returncode == 0
+    assert_checks_pass(tmp_path / "meta.img")
     with Pool.open(d) as p:
         assert p.mode == PoolMode.READ_ONLY
         assert p.volume("v").read(0, 9) == b"committed"
@@ -127,7 +128,7 @@ def test_out_of_metadata_space_rolls_back_goes_read_only_and_recovers(tmp_path):
         assert p.mode == PoolMode.WRITE
         for i in range(1, 600):
             p.volume("v").write(i * BS, b"more")
-    assert thin_check(tmp_path / "meta.img").returncode == 0
+    assert_checks_pass(tmp_path / "meta.img")
     with Pool.open(d, read_only=True) as p:
         assert p.volume("v").mapped_blocks == 600
 
@@ -219,7 +220,7 @@ def test_full_pool_scenario_two_volumes_and_a_snapshot(tmp_path):
         for name, off, data in pending:
             assert p.volume(name).read(off, len(data)) == data
         assert p.mode == PoolMode.WRITE
-    assert thin_check(d / "metadata").returncode == 0
+    assert_checks_pass(d / "metadata")
     assert check(d / "metadata").clean
 
 

@@ -545,6 +545,16 @@ def thin_check(path: StrPath, *args: StrPath) -> subprocess.CompletedProcess[str
     return _run("thin_check", [*args, path])
 
 
+def assert_checks_pass(path: StrPath, *args: StrPath) -> None:
+    """Both oracles agree the metadata is clean: the real ``thin_check [args]`` and ``thinpool
+    check`` (which also recomputes data reference counts; thin_check 0.9.0 does not)."""
+    from thinpool.tools.check import check
+    r = thin_check(path, *args)
+    assert r.returncode == 0, f"thin_check failed:\n{r.stderr}\n{r.stdout}"
+    report = check(path)
+    assert report.clean, [str(f) for f in report.errors]
+
+
 def thin_dump(path: StrPath, *args: StrPath) -> str:
     """Run ``thin_dump [args] path`` and return its stdout; raises AssertionError on failure."""
     return _checked("thin_dump", [*args, path])

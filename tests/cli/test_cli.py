@@ -17,7 +17,8 @@ import pytest
 from thinpool import Pool
 from tests.cli.helpers import THINPOOL, assert_one_line_error, clean_env, fingerprint, tp
 from tests.holder import pool_held_elsewhere
-from tests.tptools import requires_tools, thin_check
+from tests.tptools import assert_checks_pass
+from tests.tptools import requires_tools
 
 MiB = 1 << 20
 BS = 64 * 1024
@@ -41,8 +42,7 @@ def demo(home):
 
 
 def check_metadata(pool_dir) -> None:
-    r = thin_check(pool_dir / "metadata")
-    assert r.returncode == 0, r.stderr
+    assert_checks_pass(pool_dir / "metadata")
 
 
 # -- a whole session -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from thinpool import Pool
 from thinpool.metadata.walker import MetadataReader
 from tests.cli.helpers import assert_one_line_error, fingerprint, tp
 from tests.holder import pool_held_elsewhere
+from tests.tptools import assert_checks_pass
 from tests.tptools import (random_superblock, requires_tools, thin_check, thin_delta, thin_dump,
                            thin_ls, thin_restore, to_xml)
 
@@ -39,8 +40,7 @@ def sha(path) -> str:
 
 
 def assert_thin_check_clean(path) -> None:
-    r = thin_check(path)
-    assert r.returncode == 0, r.stderr
+    assert_checks_pass(path)
 
 
 # -- a pool built through the CLI -------------------------------------------------------------

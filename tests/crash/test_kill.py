@@ -49,7 +49,8 @@ from tests.cli.helpers import THINPOOL, clean_env
 from tests.crash import kill_workload
 from tests.crash.harness import History, VolumeHistory
 from tests.crash.kill_workload import BS, VOL_BLOCKS, data_for
-from tests.tptools import requires_tools, thin_check
+from tests.tptools import assert_checks_pass
+from tests.tptools import requires_tools
 import thinpool.pool as pool_module
 from thinpool import Pool
 from thinpool.registry import Registry
@@ -161,8 +162,7 @@ def verify(root: Path, model: Model) -> dict[str, list[bytes]]:
     baseline)."""
     where = model.describe()
     meta = root / "metadata"
-    r = thin_check(meta)
-    assert r.returncode == 0, f"{where}: thin_check: {r.stderr}"
+    assert_checks_pass(meta)
     report = check(meta)
     assert report.clean, f"{where}: {[str(f) for f in report.errors]}"
     since, name_sets = model.hist.states(model.k)
@@ -265,7 +265,7 @@ def test_kill_library(tmp_path, chain):
         baseline = verify(root, model)
         stats.append((len(records), model.inflight and model.inflight["op"]))
     # The recovered pool is still a good pool at the end of the chain.
-    assert thin_check(root / "metadata").returncode == 0
+    assert_checks_pass(root / "metadata")
     print(f"chain {chain}: (journal lines, op in flight) per kill: {stats}")
 
 
@@ -372,6 +372,6 @@ def test_kill_cli(tmp_path, chain):
             records.append({"ph": "end", "names": sorted(names)})
         model = rebuild(baseline, records)
         baseline = verify(root, model)
-    assert thin_check(root / "metadata").returncode == 0
+    assert_checks_pass(root / "metadata")
     print(f"chain {chain}: (journal lines, op killed, how) per kill: {stats}")
     assert kills >= rounds // 2, stats

@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests import tptools
+from tests.tptools import assert_checks_pass
 from tests.tptools import (
     TESTDATA,
     TESTDATA_CASES,
@@ -264,8 +265,7 @@ def test_random_superblock_respects_limits() -> None:
 @pytest.mark.parametrize("case", TESTDATA_CASES)
 def test_testdata_image_checks_and_dumps(case: str, tmp_path: pathlib.Path) -> None:
     img = testdata_image(case, tmp_path)
-    proc = thin_check(img)
-    assert proc.returncode == 0, proc.stderr
+    assert_checks_pass(img)
     assert thin_dump(img) == testdata_xml(case)
 
 
@@ -274,7 +274,7 @@ def test_metadata_snapshot_dump(tmp_path: pathlib.Path) -> None:
     if "05-metadata-snap" not in TESTDATA_CASES:
         pytest.skip("test vectors not available")
     img = testdata_image("05-metadata-snap", tmp_path)
-    assert thin_check(img, "-m").returncode == 0
+    assert_checks_pass(img, "-m")
     snap = parse_xml(thin_dump(img, "-m"))
     live = parse_xml(testdata_xml("05-metadata-snap"))
     assert snap.nr_data_blocks == 0  # thin_dump -m does not report the data size
@@ -297,8 +297,7 @@ def test_random_pool_through_tools(seed: int, tmp_path: pathlib.Path) -> None:
     sb = random_superblock(random.Random(seed))
     xml = to_xml(sb)
     img = thin_restore(xml, tmp_path / "pool.img")
-    proc = thin_check(img)
-    assert proc.returncode == 0, proc.stderr
+    assert_checks_pass(img)
     dumped = thin_dump(img)
     # thin_restore recomputes mapped_blocks; ours must agree, so even the text matches.
     assert parse_xml(dumped) == sb
@@ -341,7 +340,7 @@ def test_tools_report_failures(tmp_path: pathlib.Path) -> None:
     good = XmlSuperblock("", 0, 0, 0, 2, 128, 10)
     good.devices[1] = XmlDevice(1, 1, 0, 0, 0, {0: (3, 0)})
     img = thin_restore(to_xml(good), tmp_path / "good.img")
-    assert thin_check(img).returncode == 0
+    assert_checks_pass(img)
     raw = bytearray(img.read_bytes())
     raw[100] ^= 0xFF
     img.write_bytes(bytes(raw))

@@ -12,7 +12,8 @@ import pathlib
 
 import numpy as np
 
-from tests.tptools import XmlDevice, XmlSuperblock, parse_xml, thin_check, thin_dump
+from tests.tptools import assert_checks_pass
+from tests.tptools import XmlDevice, XmlSuperblock, parse_xml, thin_dump
 from thinpool.metadata import format as fmt
 from thinpool.metadata.block import INDEX_VALIDATOR
 from thinpool.metadata.btree import BTree
@@ -174,8 +175,7 @@ def full_check(meta: ThinMetadata, *, tools: bool = True, zero_tail: bool = True
     assert_counts_match(meta)
     assert_summaries_exact(meta)
     if tools:
-        r = thin_check(meta.bm.path)
-        assert r.returncode == 0, f"thin_check failed:\n{r.stderr}\n{r.stdout}"
+        assert_checks_pass(meta.bm.path)
 
 
 # ---------------------------------------------------------------------------

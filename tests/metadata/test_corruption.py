@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from tests.metadata.helpers import (BS, edit_and_reseal, flip_byte, format_pool, read_block,
                                     write_block)
-from tests.tptools import TOOLS_AVAILABLE, thin_check
+from tests.tptools import assert_checks_pass
+from tests.tptools import TOOLS_AVAILABLE
 from thinpool.errors import (ChecksumMismatch, CorruptBlock, IncompatibleMetadata,
                              InvalidArgument, MetadataError)
 from thinpool.metadata import format as fmt
@@ -117,7 +118,7 @@ def _build(path: Path) -> Layout:
                         for ks, vs in meta.mappings(dev) for k, v in zip(ks, vs)}
     meta.close()
     if TOOLS_AVAILABLE:
-        assert thin_check(path).returncode == 0
+        assert_checks_pass(path)
     return Layout(path.read_bytes(), kinds, names, devices)
 
 

@@ -14,7 +14,8 @@ import os
 import random
 
 from tests.tools.helpers import random_pool
-from tests.tptools import TOOLS_AVAILABLE, thin_check
+from tests.tptools import assert_checks_pass
+from tests.tptools import TOOLS_AVAILABLE
 from thinpool import Pool
 from thinpool.tools.check import check
 from thinpool.tools.trim import trim
@@ -50,7 +51,7 @@ def test_trim_after_deletes_releases_space_and_keeps_live_data(tmp_path):
     mpath = tmp_path / "pool" / "metadata"
     assert check(mpath).clean
     if TOOLS_AVAILABLE:
-        assert thin_check(mpath).returncode == 0
+        assert_checks_pass(mpath)
 
 
 def test_trim_releases_stale_bytes_in_free_blocks_only(tmp_path):

@@ -34,8 +34,9 @@ device, a path that is neither a regular file nor a block device); ``NotFound`` 
 ``AlreadyExists`` when :meth:`create_file` meets an existing path; ``ReadOnlyError`` for changing a
 device opened read-only; ``BusyError`` for a device in use (EBUSY); ``NoDataSpace`` when the
 filesystem under a sparse file is full (ENOSPC, EDQUOT); ``DeviceIOError`` (device, operation,
-data block, errno) for any other OS error of an I/O; ``ThinpoolError`` for use after :meth:`close`. OS errors are chained (``raise ... from``), so the errno survives
-as ``err.__cause__.errno``. "Not supported" (no hole punching, no discard, no ``copy_file_range``,
+data block, errno) for any other OS error of an I/O; ``ThinpoolError`` for use after
+:meth:`close`. OS errors are chained (``raise ... from``), so the errno survives as
+``err.__cause__.errno``. "Not supported" (no hole punching, no discard, no ``copy_file_range``,
 no ``BLKZEROOUT``) is never an error: each call falls back or reports it, as documented per method.
 
 Costs
@@ -225,7 +226,8 @@ class DataDevice:
         except OSError as exc:
             os.close(fd)
             _unlink_quietly(path)
-            raise _os_error(exc, f"cannot create data file {path!r} of {size_bytes} bytes", device=path) from exc
+            raise _os_error(exc, f"cannot create data file {path!r} of {size_bytes} bytes",
+                            device=path) from exc
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
