@@ -52,33 +52,28 @@ from __future__ import annotations
 
 import enum
 import os
-import shutil
 import subprocess
-import threading
 import time
 import warnings
 import weakref
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .data.allocator import DataAllocator
+from .guard import OperationGuard
 from .data.device import DataDevice
-from .errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument,
-                     MetadataError, MetadataIOError, NoDataSpace, NoMetadataSpace, NotFound,
-                     ReadOnlyError, ThinpoolError)
+from .errors import (AlreadyExists, InvalidArgument, MetadataError, NoDataSpace,
+                     NoMetadataSpace, NotFound, ReadOnlyError, ThinpoolError)
 from .metadata import format as fmt
-from .metadata.block import SUPERBLOCK_VALIDATOR, create_metadata_file
-from .metadata.thin_metadata import ThinMetadata, check_data_block_size
+from .metadata.thin_metadata import ThinMetadata
 from .registry import Entry, Registry, check_name
 from .volume import Volume
 
-DEFAULT_BLOCK_SIZE = 64 * 1024
-MIN_METADATA_SIZE = 2 * 1024 * 1024
-METADATA_BYTES_PER_BLOCK = 48
-from .config import PoolOptions, _read_config, _rel, _write_json, pool_files
+from .config import PoolOptions, _read_config, _write_json, pool_files
+from .creation import (DEFAULT_BLOCK_SIZE, _int_arg, check_block_size,  # noqa: F401 (API)
+                       check_metadata_size, default_metadata_size, make_pool_files)
 from .locking import MetadataLock as _Lock
 from .paths import CONFIG_NAME, NAMES_NAME
 
@@ -138,37 +133,6 @@ class PoolStat:
         return asdict(self)
 
 
-def default_metadata_size(nr_data_blocks: int) -> int:
-    """The kernel's guidance: 48 bytes per data block, at least 2 MiB, within the format's limit."""
-    size = max(MIN_METADATA_SIZE, METADATA_BYTES_PER_BLOCK * nr_data_blocks)
-    size = -(-size // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
-    return min(size, fmt.MAX_METADATA_BLOCKS * fmt.BLOCK_SIZE)
-
-
-def check_metadata_size(size: int) -> int:
-    """Metadata beyond 255 bitmaps (4,161,600 blocks, about 15.88 GiB) cannot be used."""
-    limit = fmt.MAX_METADATA_BLOCKS * fmt.BLOCK_SIZE
-    if size > limit:
-        raise InvalidArgument(f"metadata size {size} is above the format's maximum of {limit} "
-                              f"bytes (15.88 GiB)")
-    return size
-
-
-def check_block_size(block_size: int) -> int:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size % fmt.SECTOR_SIZE:
-        raise InvalidArgument(f"block size {block_size!r} is not a whole number of 512-byte sectors")
-    check_data_block_size(block_size // fmt.SECTOR_SIZE)
-    return block_size
-
-
-def _int_arg(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be an integer number of bytes, not {value!r}")
-    if value < 0:
-        raise InvalidArgument(f"{name} must not be negative ({value})")
-    return value
-
-
 class Pool:
     """An open thin pool."""
 
@@ -181,13 +145,13 @@ class Pool:
         self.notes: list[str] = []
         self.options = PoolOptions()
         self.name = "?"
-        self._failed: str | None = None          # why the pool is in FAIL mode
-        self._degraded: str | None = None        # why this process made it read-only
-        self._mutex = threading.RLock()          # one operation at a time; waits release it
-        self._space = threading.Condition(self._mutex)
+        self.read_only = True
+        # One operation at a time, and the rule for exceptions inside one (guard.py).
+        self._ops = OperationGuard(lambda: None if self.read_only else self._meta,
+                                   lambda: self.name)
+        self._mutex = self._ops.mutex            # waits for space release it
+        self._space = self._ops.space
         self._low_water_fired = False
-        self._depth = 0                          # nesting of _guard (of the thread holding it)
-        self._op_mark: tuple[int, int] | None = None   # the metadata's mark when it began
         self._unpunched: list[np.ndarray] = []   # freed blocks a failed punch left behind
 
     # -- creating and opening ----------------------------------------------------------------
@@ -199,75 +163,8 @@ class Pool:
 
         ``options`` are :class:`PoolOptions` fields (``error_if_no_space``, ``no_space_timeout``,
         ``low_water_blocks``, ``low_water_hook``)."""
-        check_block_size(block_size)
-        try:
-            opts = PoolOptions(**options).check()
-        except TypeError as e:
-            raise InvalidArgument(str(e)) from None
-        if data_size is not None:
-            _int_arg("data size", data_size)
-        if metadata_size is not None:
-            _int_arg("metadata size", metadata_size)
-            check_metadata_size(metadata_size)
-        if data_size is None and data_path is None:
-            raise InvalidArgument("a data size is needed for a new data file")
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise AlreadyExists(f"{path} exists already; choose another pool path")
-        for p in (data_path, metadata_path):
-            if p is not None and Path(p).is_dir():
-                raise InvalidArgument(f"{p} is a directory, not a file or block device")
-        made: list[Path] = []
-        made_dir = not path.exists()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            # Data device.
-            dpath = Path(data_path) if data_path is not None else path / "data"
-            if dpath.exists():
-                with DataDevice.open(dpath, block_size) as dev:
-                    if data_size is None:
-                        data_size = dev.size
-                    elif data_size > dev.size:
-                        if dev.is_block_device:
-                            raise InvalidArgument(f"data device {dpath} is smaller than {data_size} bytes")
-                        dev.grow(data_size)
-            else:
-                if data_size < block_size:
-                    raise InvalidArgument(f"data size {data_size} is smaller than one block ({block_size} bytes)")
-                DataDevice.create_file(dpath, data_size - data_size % block_size, block_size).close()
-                made.append(dpath)
-            nr_data_blocks = data_size // block_size
-            if nr_data_blocks < 1:
-                raise InvalidArgument(f"data size {data_size} is smaller than one block ({block_size} bytes)")
-            # Metadata device.
-            mpath = Path(metadata_path) if metadata_path is not None else path / "metadata"
-            if mpath.exists():
-                _refuse_live_metadata(mpath)
-                if metadata_size is not None and mpath.is_file() and mpath.stat().st_size < metadata_size:
-                    os.truncate(mpath, metadata_size)
-            else:
-                msize = metadata_size if metadata_size is not None else default_metadata_size(nr_data_blocks)
-                msize = -(-msize // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
-                if msize < MIN_METADATA_SIZE:
-                    raise InvalidArgument(f"metadata size {msize} is below the minimum of 2 MiB")
-                create_metadata_file(mpath, msize)
-                made.append(mpath)
-            ThinMetadata.format(mpath, block_size // fmt.SECTOR_SIZE, nr_data_blocks).close()
-            config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path),
-                      "options": asdict(opts)}
-            _write_json(path / CONFIG_NAME, config)
-            made.append(path / CONFIG_NAME)
-            Registry(str(path / NAMES_NAME)).save()
-            made.append(path / NAMES_NAME)
-        except BaseException:
-            for p in reversed(made):
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
-            if made_dir:
-                shutil.rmtree(path, ignore_errors=True)
-            raise
+        make_pool_files(path, data_size, block_size, metadata_size, data_path, metadata_path,
+                        **options)
         return cls.open(path)
 
     @classmethod
@@ -447,61 +344,17 @@ class Pool:
             return PoolMode.OUT_OF_DATA_SPACE
         return PoolMode.WRITE
 
-    # -- degradation -------------------------------------------------------------------------
-    @contextmanager
+    # -- degradation (see guard.py) ----------------------------------------------------------
     def _guard(self):
-        """Run one operation under the pool's mutex and keep the rule of the module docstring:
-        an exception leaves the transaction as it was, or the pool degrades."""
-        with self._mutex:
-            outer = self._depth == 0
-            if outer:           # (an interrupt in here has changed nothing, depth included)
-                self._op_mark = None if self._meta is None else self._meta.mark()
-            self._depth += 1
-            try:
-                yield
-            except BaseException as e:
-                if outer:
-                    replacement = self._operation_failed(e)
-                    if replacement is not None:
-                        raise replacement from None
-                raise
-            finally:
-                self._depth -= 1
-
-    def _operation_failed(self, e: BaseException) -> BaseException | None:
-        """Degrade the pool if ``e`` left anything half done or found damage; returns the
-        exception to raise instead, if any."""
-        meta = self._meta
-        if meta is None or self.read_only or self._op_mark is None:
-            return None
-        if isinstance(e, IncompatibleMetadata):
-            return None
-        damage = isinstance(e, (MetadataError, MetadataIOError))
-        if meta.intact_since(self._op_mark) and not damage:
-            return None
-        if isinstance(e, NoMetadataSpace):
-            self._degrade(f"out of metadata space: {e}")
-            return NoMetadataSpace(
-                f"pool {self.name} ran out of metadata space ({e}); the transaction was rolled "
-                f"back and the pool is read-only: grow it with 'thinpool resize {self.name} "
-                f"--metadata-size SIZE', then run 'thinpool check {self.name}'")
-        what = ("a metadata I/O error" if isinstance(e, MetadataIOError) else
-                "damaged metadata" if damage else "a failure inside a metadata change")
-        self._degrade(f"{what} ({type(e).__name__}: {e}); the uncommitted transaction was "
-                      f"rolled back")
-        return None
+        """Run one operation under the pool's mutex and the failure rule of guard.py."""
+        return self._ops.operation()
 
     def _degrade(self, why: str) -> None:
-        """The kernel's metadata_operation_failed: abort the transaction, record NEEDS_CHECK and
-        refuse writes; FAIL mode when even that cannot be done."""
-        if self._failed:
-            return
-        if self._degraded is None:
-            self._degraded = why
-        try:
-            self._meta.set_needs_check(True)
-        except BaseException as err:  # noqa: BLE001 - the pool cannot even record its trouble
-            self._failed = f"{why}; and NEEDS_CHECK could not be recorded: {err}"
+        self._ops.degrade(why)
+
+    @property
+    def _failed(self) -> str | None:
+        return self._ops.failed
 
     def clear_needs_check(self) -> None:
         """Clear NEEDS_CHECK (after a clean check); the pool takes writes again. What was not
@@ -509,7 +362,7 @@ class Pool:
         with self._guard():
             self._check_writable(allow_needs_check=True)
             self._meta.set_needs_check(False)
-            self._degraded = None
+            self._ops.recovered()
 
     def volumes(self) -> list[str]:
         self._check_open()
@@ -760,7 +613,7 @@ class Pool:
             opts = self.options
             # Only an operation of its own may wait: a nested one (a device change's write)
             # would let other threads in halfway through its caller.
-            if opts.error_if_no_space or opts.no_space_timeout <= 0 or self._depth > 1:
+            if opts.error_if_no_space or opts.no_space_timeout <= 0 or self._ops.nested:
                 raise
             deadline = time.monotonic() + opts.no_space_timeout
             while True:
@@ -768,21 +621,11 @@ class Pool:
                 if left <= 0:
                     raise NoDataSpace(f"{e}; waited {opts.no_space_timeout:g} s for space: grow the "
                                       f"pool with 'thinpool resize {self.name} --size SIZE'") from None
-                self._wait_for_space(min(left, 0.5))
+                self._ops.wait(min(left, 0.5))
                 if self._meta is None or self._alloc.available() >= count:
                     return None
         self._check_low_water()
         return blocks
-
-    def _wait_for_space(self, timeout: float) -> None:
-        """Release the mutex while waiting, as an operation that has changed nothing yet: other
-        threads' operations run meanwhile, each as an outer operation, and ours starts afresh."""
-        self._depth = 0
-        try:
-            self._space.wait(timeout)
-        finally:
-            self._depth = 1
-            self._op_mark = None if self._meta is None else self._meta.mark()
 
     def _check_low_water(self) -> None:
         mark = self.options.low_water_blocks
@@ -837,7 +680,7 @@ class Pool:
             error_if_no_space=self.options.error_if_no_space,
             no_space_timeout=self.options.no_space_timeout,
             low_water_blocks=self.options.low_water_blocks,
-            degraded=self._failed or self._degraded or (
+            degraded=self._ops.failed or self._ops.degraded or (
                 "NEEDS_CHECK is set in the metadata" if meta.needs_check else None))
 
     @property
@@ -856,20 +699,3 @@ def _block_runs(blocks: np.ndarray):
     ends = np.concatenate([breaks, [len(blocks)]])
     for a, z in zip(starts.tolist(), ends.tolist()):
         yield int(blocks[a]), z - a
-
-
-def _refuse_live_metadata(path: Path) -> None:
-    """Refuse to format over a device that holds dm-thin metadata already."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(fmt.BLOCK_SIZE)
-    except OSError as e:
-        raise InvalidArgument(f"cannot read metadata device {path}: {e.strerror}") from None
-    if len(head) == fmt.BLOCK_SIZE:
-        try:
-            SUPERBLOCK_VALIDATOR.check(head, 0)
-        except MetadataError:
-            return
-        if fmt.Superblock.unpack(head).magic == fmt.THIN_MAGIC:
-            raise AlreadyExists(f"{path} already holds dm-thin pool metadata; "
-                                f"wipe it first if you really mean to reuse it")

@@ -1,0 +1,149 @@
+"""Creating a pool's files: the data device, the metadata, pool.json and the names registry.
+
+:func:`make_pool_files` validates every argument before it touches the disk and, if any step
+fails (or is interrupted), removes whatever it had made, so there is never a half-made pool. It
+refuses to format a metadata device that already holds dm-thin metadata. The pool is then opened
+by ``Pool.create``. Sizes follow the kernel's guidance (``default_metadata_size``) and limits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import PoolOptions, _rel, _write_json
+from .data.device import DataDevice
+from .errors import AlreadyExists, InvalidArgument, MetadataError
+from .metadata import format as fmt
+from .metadata.block import SUPERBLOCK_VALIDATOR, create_metadata_file
+from .metadata.thin_metadata import ThinMetadata, check_data_block_size
+from .paths import CONFIG_NAME, NAMES_NAME
+from .registry import Registry
+
+DEFAULT_BLOCK_SIZE = 64 * 1024
+MIN_METADATA_SIZE = 2 * 1024 * 1024
+METADATA_BYTES_PER_BLOCK = 48
+
+
+def default_metadata_size(nr_data_blocks: int) -> int:
+    """The kernel's guidance: 48 bytes per data block, at least 2 MiB, within the format's limit."""
+    size = max(MIN_METADATA_SIZE, METADATA_BYTES_PER_BLOCK * nr_data_blocks)
+    size = -(-size // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
+    return min(size, fmt.MAX_METADATA_BLOCKS * fmt.BLOCK_SIZE)
+
+
+def check_metadata_size(size: int) -> int:
+    """Metadata beyond 255 bitmaps (4,161,600 blocks, about 15.88 GiB) cannot be used."""
+    limit = fmt.MAX_METADATA_BLOCKS * fmt.BLOCK_SIZE
+    if size > limit:
+        raise InvalidArgument(f"metadata size {size} is above the format's maximum of {limit} "
+                              f"bytes (15.88 GiB)")
+    return size
+
+
+def check_block_size(block_size: int) -> int:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size % fmt.SECTOR_SIZE:
+        raise InvalidArgument(f"block size {block_size!r} is not a whole number of 512-byte sectors")
+    check_data_block_size(block_size // fmt.SECTOR_SIZE)
+    return block_size
+
+
+def _int_arg(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be an integer number of bytes, not {value!r}")
+    if value < 0:
+        raise InvalidArgument(f"{name} must not be negative ({value})")
+    return value
+
+
+def make_pool_files(path, data_size: int | None, block_size: int, metadata_size: int | None,
+                    data_path, metadata_path, **options) -> None:
+    """Make a new pool's files in directory ``path`` (see the module docstring)."""
+    check_block_size(block_size)
+    try:
+        opts = PoolOptions(**options).check()
+    except TypeError as e:
+        raise InvalidArgument(str(e)) from None
+    if data_size is not None:
+        _int_arg("data size", data_size)
+    if metadata_size is not None:
+        _int_arg("metadata size", metadata_size)
+        check_metadata_size(metadata_size)
+    if data_size is None and data_path is None:
+        raise InvalidArgument("a data size is needed for a new data file")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise AlreadyExists(f"{path} exists already; choose another pool path")
+    for p in (data_path, metadata_path):
+        if p is not None and Path(p).is_dir():
+            raise InvalidArgument(f"{p} is a directory, not a file or block device")
+    made: list[Path] = []
+    made_dir = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # Data device.
+        dpath = Path(data_path) if data_path is not None else path / "data"
+        if dpath.exists():
+            with DataDevice.open(dpath, block_size) as dev:
+                if data_size is None:
+                    data_size = dev.size
+                elif data_size > dev.size:
+                    if dev.is_block_device:
+                        raise InvalidArgument(f"data device {dpath} is smaller than {data_size} bytes")
+                    dev.grow(data_size)
+        else:
+            if data_size < block_size:
+                raise InvalidArgument(f"data size {data_size} is smaller than one block ({block_size} bytes)")
+            DataDevice.create_file(dpath, data_size - data_size % block_size, block_size).close()
+            made.append(dpath)
+        nr_data_blocks = data_size // block_size
+        if nr_data_blocks < 1:
+            raise InvalidArgument(f"data size {data_size} is smaller than one block ({block_size} bytes)")
+        # Metadata device.
+        mpath = Path(metadata_path) if metadata_path is not None else path / "metadata"
+        if mpath.exists():
+            _refuse_live_metadata(mpath)
+            if metadata_size is not None and mpath.is_file() and mpath.stat().st_size < metadata_size:
+                os.truncate(mpath, metadata_size)
+        else:
+            msize = metadata_size if metadata_size is not None else default_metadata_size(nr_data_blocks)
+            msize = -(-msize // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE
+            if msize < MIN_METADATA_SIZE:
+                raise InvalidArgument(f"metadata size {msize} is below the minimum of 2 MiB")
+            create_metadata_file(mpath, msize)
+            made.append(mpath)
+        ThinMetadata.format(mpath, block_size // fmt.SECTOR_SIZE, nr_data_blocks).close()
+        config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path),
+                  "options": asdict(opts)}
+        _write_json(path / CONFIG_NAME, config)
+        made.append(path / CONFIG_NAME)
+        Registry(str(path / NAMES_NAME)).save()
+        made.append(path / NAMES_NAME)
+    except BaseException:
+        for p in reversed(made):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        if made_dir:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _refuse_live_metadata(path: Path) -> None:
+    """Refuse to format over a device that holds dm-thin metadata already."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(fmt.BLOCK_SIZE)
+    except OSError as e:
+        raise InvalidArgument(f"cannot read metadata device {path}: {e.strerror}") from None
+    if len(head) == fmt.BLOCK_SIZE:
+        try:
+            SUPERBLOCK_VALIDATOR.check(head, 0)
+        except MetadataError:
+            return
+        if fmt.Superblock.unpack(head).magic == fmt.THIN_MAGIC:
+            raise AlreadyExists(f"{path} already holds dm-thin pool metadata; "
+                                f"wipe it first if you really mean to reuse it")
