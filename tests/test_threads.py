@@ -115,6 +115,8 @@ def test_threads_never_read_another_volumes_blocks(tmp_path):
         try:
             while not done.is_set():
                 pool.commit()
+                st = pool.stat()                # beside the others' changes
+                assert st.data_blocks_used <= st.data_blocks_total
                 done.wait(0.01)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)

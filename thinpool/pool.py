@@ -335,6 +335,10 @@ class Pool:
     @property
     def mode(self) -> PoolMode:
         """The pool's condition (not this handle's: see ``read_only`` for that)."""
+        with self._mutex:
+            return self._mode()
+
+    def _mode(self) -> PoolMode:
         self._check_open()
         if self._failed:
             return PoolMode.FAIL
@@ -365,8 +369,10 @@ class Pool:
             self._ops.recovered()
 
     def volumes(self) -> list[str]:
-        self._check_open()
-        return sorted(self._registry.volumes, key=lambda n: self._registry.volumes[n].dev_id)
+        with self._mutex:
+            self._check_open()
+            vols = self._registry.volumes
+            return sorted(vols, key=lambda n: vols[n].dev_id)
 
     def volume(self, name: str) -> Volume:
         with self._mutex:
@@ -655,6 +661,10 @@ class Pool:
 
     # -- information -------------------------------------------------------------------------
     def stat(self) -> PoolStat:
+        with self._mutex:
+            return self._stat()
+
+    def _stat(self) -> PoolStat:
         self._check_open()
         meta = self._meta
         vols = []
@@ -675,7 +685,7 @@ class Pool:
             data_blocks_free=meta.nr_data_blocks - used,
             metadata_blocks_total=meta.metadata_sm.nr_blocks, metadata_blocks_used=mused,
             metadata_blocks_free=meta.metadata_sm.nr_blocks - mused,
-            transaction_id=meta.trans_id, time=meta.time, mode=self.mode.label,
+            transaction_id=meta.trans_id, time=meta.time, mode=self._mode().label,
             needs_check=meta.needs_check, volumes=vols,
             error_if_no_space=self.options.error_if_no_space,
             no_space_timeout=self.options.no_space_timeout,

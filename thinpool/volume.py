@@ -315,12 +315,12 @@ class Volume:
 
     def mappings(self) -> list[tuple[int, int, int]]:
         """Every mapping as (virtual block, data block, time), in order."""
+        out = []
         with self.pool._mutex:
             self._live()
-        out = []
-        for keys, vals in self.pool._meta.mappings(self.dev_id):
-            for k, v in zip(keys.tolist(), vals.tolist()):
-                out.append((k, v >> 24, v & fmt.TIME_MASK))
+            for keys, vals in self.pool._meta.mappings(self.dev_id):
+                for k, v in zip(keys.tolist(), vals.tolist()):
+                    out.append((k, v >> 24, v & fmt.TIME_MASK))
         return out
 
 

@@ -158,6 +158,7 @@ class ThinMetadata:
     def _load(self) -> None:
         """(Re)build the whole view from the committed superblock: the only place that does."""
         self.changes += 1                  # a half-done load is a half-done change
+        self.generation += 1               # (and no lock-free reader trusts what it had)
         self._lcache = {}
         self.bm.clear_cache()
         raw = self.bm.read(fmt.SUPERBLOCK_LOCATION, SUPERBLOCK_VALIDATOR)
