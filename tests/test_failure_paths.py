@@ -432,6 +432,45 @@ def test_a_failed_punch_after_delete_is_a_note_not_a_failure(tmp_path):
     checks_pass(d)
 
 
+def test_names_catch_up_failing_at_close_is_a_note(tmp_path, monkeypatch):
+    from thinpool.registry import Registry
+    d = tmp_path / "p"
+    p = Pool.create(d, data_size=16 * BS)
+    p.create_thin("a", BS)                      # finished in memory; the file catches up later
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Registry, "_save", full)
+    p.close()                                   # no exception: the change was durable
+    assert any("names file could not catch up" in n for n in p.notes)
+    monkeypatch.undo()
+    with Pool.open(d) as p:                     # the pending record + trans id settle it
+        assert p.volumes() == ["a"]
+
+
+def test_stat_says_why_the_pool_is_degraded(tmp_path):
+    import subprocess
+    import sys
+    home = tmp_path / "home"
+    p = Pool.create(home / "p", data_size=16 * BS)
+    p.create_thin("v", BS)
+    with Faults(home / "p", "metadata", "read", nth=1):
+        p.metadata.bm.clear_cache()
+        with pytest.raises(MetadataIOError):
+            p.volume("v").write(0, b"x")
+    assert "I/O error" in p.stat().degraded and p.stat().mode == "read_only"
+    p.close()
+    env = {**os.environ, "THINPOOL_HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "thinpool", "stat", "p", "--json"], env=env,
+                       capture_output=True, text=True)
+    st = json.loads(r.stdout)
+    assert st["mode"] == "read_only" and "NEEDS_CHECK" in st["degraded"]
+    r = subprocess.run([sys.executable, "-m", "thinpool", "stat", "p"], env=env,
+                       capture_output=True, text=True)
+    assert "degraded" in r.stdout and "NEEDS_CHECK" in r.stdout
+
+
 # -- 8. resources ----------------------------------------------------------------------------
 def test_an_unclosed_pool_is_released_by_its_finalizer(tmp_path):
     d = tmp_path / "p"

@@ -258,6 +258,11 @@ class Pool:
             try:
                 if self._registry is not None and self._meta is not None and not self.read_only:
                     self._registry.flush()
+            except ThinpoolError as e:
+                # Post-commit work: the pending record and the transaction id on disk already
+                # say how every change ended, and the next open settles the names from them.
+                self.notes.append(f"the names file could not catch up ({e}); the next open "
+                                  f"brings it in line")
             finally:
                 self._close_parts()
 
@@ -417,7 +422,10 @@ class Pool:
                 # change is in the metadata, so it is in the names too.
                 self._registry.finish(durable=False)
             else:
-                self._registry.cancel()
+                try:
+                    self._registry.cancel()
+                except ThinpoolError as e:      # the file keeps the record; reconcile settles it
+                    self.notes.append(f"the names file could not record the rollback ({e})")
             raise
         self._registry.finish(durable=False)     # the begin record + trans id already tell
         self._after_commit(freed)

@@ -18,6 +18,11 @@ memory only (``finish(durable=False)``) and the file catches up with the next ``
 next open's reconcile. That saves two of a snapshot's five fsyncs. Only the holder of the pool's
 exclusive lock reads the file in between, and it has the names in memory.
 
+A pending record that is not one :meth:`Registry.begin` writes makes :meth:`Registry.load` raise
+:class:`~thinpool.errors.MetadataError` (never a raw ``KeyError``). Entries carry the ``epoch`` of
+their device (the transaction id that created it), which handles compare to tell a deleted
+device from a later one with the same id.
+
 :meth:`Registry.reconcile` runs at every open: a pending operation whose transaction id the
 metadata reached is rolled forward, any other is rolled back. So an interrupted create, snapshot or
 delete is never left half done. Names whose device is missing from the metadata are dropped and
@@ -26,13 +31,14 @@ devices with no name get one (their id as text), so the two always agree after a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgument, MetadataError
+from .errors import InvalidArgument, MetadataError, NoSpace, ThinpoolError
 
 _NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+@:-]{0,127}$")
 
@@ -99,8 +105,17 @@ class Registry:
         return cls(path, trans, vols, _check_pending(pending, path))
 
     def save(self) -> None:
+        """Write the file atomically; an OS error is NoSpace (ENOSPC, EDQUOT) or ThinpoolError,
+        and the old file stays as it was."""
         if self.path is None:
             return
+        try:
+            self._save()
+        except OSError as e:
+            err = NoSpace if e.errno in (errno.ENOSPC, errno.EDQUOT) else ThinpoolError
+            raise err(f"cannot write the names registry {self.path}: {e.strerror or e}") from e
+
+    def _save(self) -> None:
         doc = {"version": 1, "transaction_id": self.transaction_id,
                "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin,
                                "epoch": e.epoch}
