@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import thinpool.data.device as device_mod
+from thinpool import Pool, PoolMode
+from tests.tptools import assert_checks_pass
 
 SECTOR = 512
 MD_BLOCK = 4096
@@ -136,11 +138,7 @@ class Recorder:
         return self
 
     def __exit__(self, *exc) -> None:
-        for n, f in self._saved.items():
-            if n == "_fallocate":
-                device_mod._fallocate = f
-            else:
-                setattr(os, n, f)
+        _restore(self._saved)
 
 
 # -- fault injection -------------------------------------------------------------------------
@@ -198,11 +196,7 @@ class Faults:
         return self
 
     def __exit__(self, *exc) -> None:
-        for n, f in self._saved.items():
-            if n == "_fallocate":
-                device_mod._fallocate = f
-            else:
-                setattr(os, n, f)
+        _restore(self._saved)
 
 
 class Interrupt:
@@ -238,6 +232,29 @@ class Interrupt:
 
     def __exit__(self, *exc) -> None:
         sys.settrace(None)
+
+
+def settle(p, d):
+    """A degraded pool: commit (nothing half done may go in), close, check what is on disk with
+    both oracles, and reopen it with NEEDS_CHECK cleared."""
+    try:
+        assert p.mode == PoolMode.READ_ONLY and p.stat().needs_check
+        p.commit()
+    finally:
+        p.close()
+    assert_checks_pass(Path(d) / "metadata")
+    p = Pool.open(d)
+    p.clear_needs_check()
+    return p
+
+
+def _restore(saved: dict) -> None:
+    """Put back the system calls a Recorder or Faults replaced."""
+    for n, f in saved.items():
+        if n == "_fallocate":
+            device_mod._fallocate = f
+        else:
+            setattr(os, n, f)
 
 
 def snapshot_files(root: Path) -> dict[str, bytearray]:
