@@ -17,6 +17,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from thinpool.tools.check import check
+
 from tests import tptools
 from tests.tptools import assert_checks_pass
 from tests.tptools import (
@@ -345,6 +347,7 @@ def test_tools_report_failures(tmp_path: pathlib.Path) -> None:
     raw[100] ^= 0xFF
     img.write_bytes(bytes(raw))
     assert thin_check(img).returncode != 0
+    assert not check(img).clean                 # thinpool check agrees
     with pytest.raises(AssertionError, match="thin_dump failed"):
         thin_dump(img)
 
