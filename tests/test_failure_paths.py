@@ -283,8 +283,9 @@ def test_eio_on_a_data_read_is_typed(tmp_path):
 
 # -- 4. the lock-free read path --------------------------------------------------------------
 def test_a_block_freed_in_this_transaction_is_not_reused_before_the_commit(tmp_path):
-    """A's block, allocated and freed in one transaction, must not become B's at once: a
-    lock-free reader of A that looked it up before the discard would read B's bytes."""
+    """A's block, allocated and freed in one transaction, must not become B's before a commit
+    (which moves the generation): a lock-free reader of A that looked it up before the discard
+    would read B's bytes. Here B's write needs it and so commits first."""
     pool = Pool.create(tmp_path / "p", data_size=BS, block_size=BS, error_if_no_space=True)
     a = pool.create_thin("a", BS)
     b = pool.create_thin("b", BS)
@@ -298,10 +299,9 @@ def test_a_block_freed_in_this_transaction_is_not_reused_before_the_commit(tmp_p
         if not raced:                                # once: another thread's work, right now
             raced.append(block)
             a.discard(0, BS)                         # A's block is free, in this transaction
-            try:
-                b.write(0, b"B" * BS)                # it must not be B's yet
-            except NoDataSpace:
-                raced.append("refused")
+            gen = pool.metadata.generation
+            b.write(0, b"B" * BS)                    # the only block there is: B gets it ...
+            raced.append(pool.metadata.generation != gen)     # ... after a commit
         return real(block, offset, length)
 
     dev.read_in_block = read_in_block
@@ -309,12 +309,26 @@ def test_a_block_freed_in_this_transaction_is_not_reused_before_the_commit(tmp_p
         got = a.read(0, 16)
     finally:
         del dev.read_in_block
-    assert "refused" in raced
-    assert got in (b"A" * 16, bytes(16))
-    pool.commit()
-    b.write(0, b"B" * BS)                            # after the commit it can be reused
+    assert raced[1] is True
+    assert got in (b"A" * 16, bytes(16))             # never B's bytes
     assert b.read(0, 16) == b"B" * 16 and a.read(0, 16) == bytes(16)
     pool.close()
+
+
+def test_a_full_pool_commits_to_reuse_what_this_transaction_freed(tmp_path):
+    """Blocks freed in this transaction wait for a commit; a write that needs them commits
+    first, as dm-thin's alloc_data_block does, instead of failing or waiting."""
+    with Pool.create(tmp_path / "p", data_size=4 * BS, error_if_no_space=True) as p:
+        a = p.create_thin("a", 8 * BS)
+        a.write(0, b"a" * (2 * BS))
+        p.commit()
+        a.write(2 * BS, b"A" * (2 * BS))             # the pool is full now, not committed
+        a.discard(0, 4 * BS)                         # two committed blocks, two of this one
+        tid = p.stat().transaction_id
+        a.write(4 * BS, b"b" * (4 * BS))             # needs all four
+        assert a.read(4 * BS, 4 * BS) == b"b" * (4 * BS)
+        assert a.read(0, 4 * BS) == bytes(4 * BS)
+        assert p.stat().transaction_id == tid
 
 
 def test_close_moves_the_generation_before_the_data_file_is_closed(tmp_path):

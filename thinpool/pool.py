@@ -618,12 +618,20 @@ class Pool:
         """``count`` new data blocks, or None when the caller must start over because it
         waited for space (other threads may have changed the pool meanwhile).
 
-        With no free block: fail at once under ``error_if_no_space`` (or a zero timeout);
-        otherwise wait up to ``no_space_timeout`` seconds for a resize, a commit that frees
-        blocks, or an option change, like dm-thin's queued I/O."""
+        With too few free blocks: if blocks freed in this transaction would do, commit (as
+        dm-thin's ``alloc_data_block`` does: freed blocks are reusable only after a commit) and
+        start over. Otherwise fail at once under ``error_if_no_space`` (or a zero timeout), or
+        wait up to ``no_space_timeout`` seconds for a resize, a commit that frees blocks, or an
+        option change, like dm-thin's queued I/O."""
         try:
             blocks = self._alloc.allocate(count, hint)
         except NoDataSpace as e:
+            meta = self._meta
+            if (not self._ops.nested
+                    and self._alloc.available() + meta.data_freed_in_transaction() >= count):
+                self._commit(force=False)          # (the caller has changed nothing yet)
+                self._space.notify_all()
+                return None
             opts = self.options
             # Only an operation of its own may wait: a nested one (a device change's write)
             # would let other threads in halfway through its caller.

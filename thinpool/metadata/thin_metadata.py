@@ -272,6 +272,10 @@ class ThinMetadata:
         sm = self.data_sm
         return b[(sm.counts[b] == 0) & (sm.committed[b] == 0)]
 
+    def data_freed_in_transaction(self) -> int:
+        """Data blocks freed since the last commit: a commit makes them allocatable again."""
+        return self.data_sm.nr_free() - self.data_sm.nr_allocatable()
+
     def data_available(self) -> int:
         """Data blocks :meth:`alloc_data` can hand out before the next commit."""
         return self.data_sm.nr_allocatable()
