@@ -396,7 +396,13 @@ def test_a_handle_outliving_its_device_raises_not_found(tmp_path):
         old = p.create_thin("a", 4 * BS)
         old.write(0, b"old")
         p.delete("a")
-        new = p.create_thin("b", 4 * BS)              # gets the same device id
+        new = p.create_thin("b", 4 * BS)
+        assert new.dev_id > old.dev_id                # ids only ever increase
+        # Even a device that gets the same id (the metadata allows it; thinpool does so only
+        # when the 24-bit id space is used up) is not the old handle's: the epoch tells.
+        p.delete("b")
+        p._registry.next_id = old.dev_id
+        new = p.create_thin("b", 4 * BS)
         assert new.dev_id == old.dev_id
         new.write(0, b"new volume's bytes")
         for call in (lambda: old.read(0, 3), lambda: old.write(0, b"x"),
@@ -409,6 +415,20 @@ def test_a_handle_outliving_its_device_raises_not_found(tmp_path):
         with pytest.raises(NotFound):
             old.read(0, 3)
         assert again.read(0, 3) == bytes(3)
+
+
+def test_device_ids_only_increase_across_reopens(tmp_path):
+    d = tmp_path / "p"
+    with Pool.create(d, data_size=64 * BS) as p:
+        ids = [p.create_thin(n, BS).dev_id for n in ("a", "b", "c")]
+        p.delete("c")
+        p.delete("b")
+    with Pool.open(d) as p:                           # the counter is in the names file
+        ids.append(p.create_thin("d", BS).dev_id)
+        ids.append(p.snapshot("a", "e").dev_id)
+    assert ids == [1, 2, 3, 4, 5]
+    with Pool.open_files(d / "metadata") as p:        # no names file: after the highest id
+        assert p.metadata.device_ids() == [1, 4, 5]
 
 
 # -- 7. post-commit work ---------------------------------------------------------------------

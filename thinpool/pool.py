@@ -37,7 +37,8 @@ Guarantees:
 * **Device changes** (create, snapshot, delete, resize of a volume) are checked first and refused
   before anything changes; then the writes acknowledged so far are committed (as the kernel does
   before a snapshot), and the change is made and committed on its own, so a failure of the change
-  itself rolls back to exactly the state before it. Device ids are chosen under the pool's mutex.
+  itself rolls back to exactly the state before it. Device ids are chosen under the pool's mutex
+  and only ever increase (a counter in the names registry), as LVM and Docker do.
 * **Handles.** A :class:`Volume` names its device by id and creation epoch (the transaction that
   made it): once that device is deleted, every call on the handle raises NotFound, even when a
   later device got the same id.
@@ -390,8 +391,14 @@ class Pool:
             return v
 
     def _new_id(self) -> int:
-        """The lowest free device id; call it holding the mutex, in the operation that uses it."""
+        """The next device id (ids only ever increase, from the names registry's counter); call
+        it holding the mutex, in the operation that uses it. Only when the 24-bit id space is
+        used up does it go back to the lowest free id (handles still tell devices apart by
+        their epoch)."""
         used = set(self._meta.device_ids()) | set(self._meta.devices)
+        dev = max(self._registry.next_id, max(used, default=0) + 1)
+        if dev <= fmt.MAX_DEV_ID:
+            return dev
         dev = 1
         while dev in used:
             dev += 1

@@ -84,6 +84,8 @@ class Registry:
     transaction_id: int = 0
     volumes: dict[str, Entry] = field(default_factory=dict)
     pending: dict | None = None
+    #: The next device id to hand out: ids only ever increase, as LVM's and Docker's do.
+    next_id: int = 1
     #: The file lags behind memory: an operation was finished without being written.
     stale: bool = field(default=False, compare=False, repr=False)
 
@@ -100,9 +102,10 @@ class Registry:
                     for n, e in raw.get("volumes", {}).items()}
             pending = raw.get("pending")
             trans = int(raw.get("transaction_id", 0))
+            next_id = int(raw.get("next_id", 1))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise MetadataError(f"names registry {path} is unreadable: {e}") from None
-        return cls(path, trans, vols, _check_pending(pending, path))
+        return cls(path, trans, vols, _check_pending(pending, path), next_id)
 
     def save(self) -> None:
         """Write the file atomically; an OS error is NoSpace (ENOSPC, EDQUOT) or ThinpoolError,
@@ -120,7 +123,7 @@ class Registry:
                "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin,
                                "epoch": e.epoch}
                            for n, e in sorted(self.volumes.items())},
-               "pending": self.pending}
+               "pending": self.pending, "next_id": self.next_id}
         d = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix=".names.", dir=d)
         try:
@@ -178,6 +181,7 @@ class Registry:
         if p["op"] in ("create", "snapshot"):
             self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"),
                                             p["transaction_id"])
+            self.next_id = max(self.next_id, p["dev_id"] + 1)
         elif p["op"] == "resize":
             e = self.volumes.get(p["name"])
             if e is not None:
@@ -215,6 +219,9 @@ class Registry:
             changed = True
         if self.transaction_id != transaction_id:
             self.transaction_id = transaction_id
+            changed = True
+        if ids and self.next_id <= max(ids):
+            self.next_id = max(ids) + 1
             changed = True
         if changed:
             self.save()

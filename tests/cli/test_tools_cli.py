@@ -44,8 +44,9 @@ def assert_thin_check_clean(path) -> None:
 
 
 # -- a pool built through the CLI -------------------------------------------------------------
-#: Volume names -> device ids of the built pool (``c`` reuses the id of the deleted ``b``).
-IDS = {"a": 1, "c": 2, "s2": 4, "s3": 5}
+#: Volume names -> device ids of the built pool (ids only increase: ``c`` does not reuse the
+#: id of the deleted ``b``).
+IDS = {"a": 1, "c": 6, "s2": 4, "s3": 5}
 
 
 @pytest.fixture(scope="module")
