@@ -62,6 +62,27 @@ def test_reads_never_see_another_volumes_reused_blocks(tmp_path) -> None:
     assert not bad, f"{len(bad)} reads of A returned other bytes, e.g. {bad[0]!r}"
 
 
+def read_in_the_window(vol, offset: int, length: int, work):
+    """``vol.read(offset, length)`` with ``work(data block)`` run once between its mapping lookup
+    and its pread, as another thread's work would; returns (bytes read, what work returned)."""
+    dev = vol.pool._data
+    real = dev.read_in_block
+    raced = []
+
+    def read_in_block(block, off, n):
+        if not raced:                               # once: another thread's work, right now
+            raced.append(work(block))
+        return real(block, off, n)
+
+    dev.read_in_block = read_in_block
+    try:
+        got = vol.read(offset, length)
+    finally:
+        del dev.read_in_block
+    assert raced, "the read never reached the window"
+    return got, raced[0]
+
+
 def test_the_window_between_lookup_and_read(tmp_path) -> None:
     pool = Pool.create(tmp_path / "p", data_size=BS, block_size=BS)   # one data block
     a = pool.create_thin("a", BS)
@@ -69,25 +90,14 @@ def test_the_window_between_lookup_and_read(tmp_path) -> None:
     a.write(0, b"A" * BS)
     pool.commit()
     assert a.read(0, 16) == b"A" * 16               # the mapping is in the lookup cache now
-    dev = pool._data
-    real = dev.read_in_block
-    raced = []
 
-    def read_in_block(block, offset, length):
-        if not raced:                               # once: another thread's work, right now
-            raced.append(block)
-            a.discard(0, BS)                        # A's block is free ...
-            pool.commit()
-            b.write(0, b"B" * BS)                   # ... and B's now: the only block there is
-            assert pool.volume("b").mappings()[0][1] == block
-        return real(block, offset, length)
+    def work(block):
+        a.discard(0, BS)                            # A's block is free ...
+        pool.commit()
+        b.write(0, b"B" * BS)                       # ... and B's now: the only block there is
+        assert pool.volume("b").mappings()[0][1] == block
 
-    dev.read_in_block = read_in_block
-    try:
-        got = a.read(0, 16)
-    finally:
-        del dev.read_in_block
-    assert raced
+    got, _ = read_in_the_window(a, 0, 16, work)
     assert got == bytes(16)                         # A was discarded: zeros, not B's bytes
     assert b.read(0, 16) == b"B" * 16
     pool.close()

@@ -23,6 +23,7 @@ from thinpool import Pool, PoolMode
 from thinpool.errors import (AlreadyExists, BusyError, DeviceIOError, MetadataError,
                              MetadataIOError, NoDataSpace, NoMetadataSpace, NotFound)
 from tests.crash.harness import Faults, Interrupt, settle
+from tests.test_concurrent_reads import read_in_the_window
 from tests.tptools import assert_checks_pass, requires_tools
 
 BS = 64 * 1024
@@ -291,25 +292,15 @@ def test_a_block_freed_in_this_transaction_is_not_reused_before_the_commit(tmp_p
     b = pool.create_thin("b", BS)
     a.write(0, b"A" * BS)                            # not committed
     assert a.read(0, 16) == b"A" * 16                # the mapping is in the lookup cache now
-    dev = pool._data
-    real = dev.read_in_block
-    raced = []
 
-    def read_in_block(block, offset, length):
-        if not raced:                                # once: another thread's work, right now
-            raced.append(block)
-            a.discard(0, BS)                         # A's block is free, in this transaction
-            gen = pool.metadata.generation
-            b.write(0, b"B" * BS)                    # the only block there is: B gets it ...
-            raced.append(pool.metadata.generation != gen)     # ... after a commit
-        return real(block, offset, length)
+    def work(block):
+        a.discard(0, BS)                             # A's block is free, in this transaction
+        gen = pool.metadata.generation
+        b.write(0, b"B" * BS)                        # the only block there is: B gets it ...
+        return pool.metadata.generation != gen       # ... after a commit
 
-    dev.read_in_block = read_in_block
-    try:
-        got = a.read(0, 16)
-    finally:
-        del dev.read_in_block
-    assert raced[1] is True
+    got, committed_first = read_in_the_window(a, 0, 16, work)
+    assert committed_first is True
     assert got in (b"A" * 16, bytes(16))             # never B's bytes
     assert b.read(0, 16) == b"B" * 16 and a.read(0, 16) == bytes(16)
     pool.close()

@@ -63,10 +63,10 @@ from pathlib import Path
 import numpy as np
 
 from .data.allocator import DataAllocator
-from .guard import OperationGuard
 from .data.device import DataDevice
 from .errors import (AlreadyExists, InvalidArgument, MetadataError, NoDataSpace,
                      NoMetadataSpace, NotFound, ReadOnlyError, ThinpoolError)
+from .guard import OperationGuard
 from .metadata import format as fmt
 from .metadata.thin_metadata import ThinMetadata
 from .registry import Entry, Registry, check_name
@@ -316,10 +316,7 @@ class Pool:
         return e
 
     def _check_writable(self, allow_needs_check: bool = False) -> None:
-        self._check_open()
-        if self._failed:
-            raise ThinpoolError(f"pool {self.name} has failed ({self._failed}); close it and run "
-                                f"'thinpool check {self.name}'")
+        self._check_readable()
         if self.read_only:
             raise ReadOnlyError(f"pool {self.name} is open read-only")
         if self._meta.needs_check and not allow_needs_check:
@@ -485,10 +482,10 @@ class Pool:
             e = self._entry(name)
             bs = self.block_size
             vol = self.volume(name)
-            tail = 0
+            tail, need = 0, None
             if size > e.size and e.size % bs:
                 tail = min(bs - e.size % bs, size - e.size)
-                need = vol.tail_needs_block(e.size, tail)
+                need = vol.tail_to_zero(e.size, tail)
                 if need and self._alloc.available() < need:
                     raise NoDataSpace(
                         f"growing volume {name!r} needs a free data block to zero the tail of its "
@@ -498,7 +495,7 @@ class Pool:
             def change() -> None:
                 if size < e.size:
                     self._meta.remove_range(e.dev_id, -(-size // bs), 1 << 62)
-                elif tail:
+                elif need is not None:
                     vol.zero_tail(e.size, tail)
 
             self._device_change("resize", name, e.dev_id, size, change, origin=e.origin)

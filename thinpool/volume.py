@@ -276,33 +276,26 @@ class Volume:
         self.pool.commit()
 
     # -- resizing (the pool's device change calls these) -------------------------------------
-    def tail_needs_block(self, old_size: int, length: int) -> int:
-        """1 if zeroing ``length`` bytes from ``old_size`` (inside its last block) needs a new
-        data block (the block is shared and the bytes are not zeros already), else 0."""
+    def tail_to_zero(self, old_size: int, length: int) -> int | None:
+        """For the ``length`` bytes from ``old_size`` (inside the last block, where a shrink may
+        have left data): None when they read as zeros already, else how many new data blocks
+        zeroing them needs (1 when the block is shared, else 0). One lookup, one read."""
         with self.pool._guard():
             self._live()
             meta = self.pool._meta
             m = meta.lookup(self.dev_id, old_size // self._bs)
-            if m is None or not meta.is_shared(self.dev_id, m[1]):
-                return 0
-            return int(self._read_past(old_size, length).count(0) != length)
-
-    def _read_past(self, offset: int, length: int) -> bytes:
-        """Bytes of the device past its size (inside its last block)."""
-        meta = self.pool._meta
-        bs = self._bs
-        m = meta.lookup(self.dev_id, offset // bs)
-        if m is None:
-            return bytes(length)
-        return self.pool._data.read_span(m[0], offset % bs, length)
+            if m is None:
+                return None
+            tail = self.pool._data.read_span(m[0], old_size % self._bs, length)
+            if tail.count(0) == length:
+                return None
+            return int(meta.is_shared(self.dev_id, m[1]))
 
     def zero_tail(self, old_size: int, length: int) -> None:
-        """Make ``length`` bytes from ``old_size`` (the rest of the last block, a shrink may have
-        left data there) read as zeros, before the size grows past them."""
+        """Write zeros over the ``length`` bytes from ``old_size`` (see :meth:`tail_to_zero`),
+        before the size grows past them."""
         with self.pool._guard():
             self._live()
-            if self._read_past(old_size, length).count(0) == length:
-                return
             while not self._write(old_size, bytes(length), limit=old_size + length):
                 pass
 

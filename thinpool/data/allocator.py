@@ -33,8 +33,6 @@ class DataBlocks(Protocol):
 
     def data_available(self) -> int: ...
 
-    def mark(self) -> tuple[int, int]: ...
-
 
 class DataAllocator:
     def __init__(self, meta: DataBlocks):
