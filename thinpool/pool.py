@@ -16,9 +16,12 @@ Guarantees:
 * **Reads without the lock.** ``Volume.read`` serves a request inside one cached block without
   taking the pool's mutex; it trusts the metadata's ``generation`` (moved by every commit, abort
   and close, the only points after which a freed data block can be handed out again).
-* **One writer.** Opening for writing takes an exclusive advisory lock (``flock``) on the metadata
-  file; a second writer or a reader while a writer holds it gets
-  :class:`~thinpool.errors.BusyError` naming the holder's pid. Readers share the lock.
+* **One writer, and readers beside it** (locking.py). Opening for writing takes an exclusive
+  ``flock`` on the metadata file; a second writer gets :class:`~thinpool.errors.BusyError` naming
+  the holder's pid, at once or after ``wait`` seconds. Readers hold the pool directory's readers'
+  lock instead and read the last commit while a writer works; each commit waits until no reader
+  of the previous one is left (``reader_wait_hook`` hears of the wait; ``commit(wait=False)``
+  skips a commit that would have to wait).
 * **No half-made pools.** :meth:`create` validates everything first and removes whatever it
   created if any step fails.
 * **Freed space goes back to the host.** Data blocks freed by a transaction (deletes, discards,
@@ -57,6 +60,7 @@ import subprocess
 import time
 import warnings
 import weakref
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,7 +68,7 @@ import numpy as np
 
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
-from .errors import (AlreadyExists, InvalidArgument, MetadataError, NoDataSpace,
+from .errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NoDataSpace,
                      NoMetadataSpace, NotFound, ReadOnlyError, ThinpoolError)
 from .guard import OperationGuard
 from .metadata import format as fmt
@@ -75,7 +79,8 @@ from .volume import Volume
 from .config import PoolOptions, _read_config, _write_json, pool_files
 from .creation import (DEFAULT_BLOCK_SIZE, _int_arg, check_block_size,  # noqa: F401 (API)
                        check_metadata_size, default_metadata_size, make_pool_files)
-from .locking import MetadataLock as _Lock
+from .locking import (READERS_LOCK_NAME, MetadataLock as _Lock, ReadersLock, process_command,
+                      writer_of)
 from .paths import CONFIG_NAME, NAMES_NAME
 
 
@@ -141,6 +146,13 @@ class Pool:
         self._meta: ThinMetadata | None = None
         self._data: DataDevice | None = None
         self._lock: _Lock | None = None
+        self._readers: ReadersLock | None = None
+        #: Called with the readers' pids when a commit has to wait for them (see locking.py).
+        self.reader_wait_hook = None
+        #: False: an allocation that finds no free data block fails at once with NoDataSpace
+        #: instead of waiting ``no_space_timeout`` seconds (for a process that is the pool's
+        #: only user, no one else could free space meanwhile).
+        self.wait_for_space = True
         self._registry: Registry | None = None
         self._volumes: weakref.WeakValueDictionary[str, Volume] = weakref.WeakValueDictionary()
         self.notes: list[str] = []
@@ -169,14 +181,17 @@ class Pool:
         return cls.open(path)
 
     @classmethod
-    def open(cls, path, read_only: bool = False) -> "Pool":
+    def open(cls, path, read_only: bool = False, wait: float | None = 0) -> "Pool":
+        """Open the pool in directory ``path``. For writing, ``wait`` is how long to wait for
+        another writer to close it (seconds; None: as long as it takes) before BusyError."""
         path = Path(path)
         mpath, dpath = pool_files(path)
         self = cls()
         self.path = path
         self.name = path.name
         self.options = PoolOptions.from_dict(_read_config(path).get("options"))
-        self._open(str(mpath), str(dpath), str(path / NAMES_NAME), read_only)
+        self._open(str(mpath), str(dpath), str(path / NAMES_NAME), read_only, wait,
+                   str(path / READERS_LOCK_NAME))
         return self
 
     def configure(self, **changes) -> PoolOptions:
@@ -209,13 +224,22 @@ class Pool:
                    None, read_only)
         return self
 
-    def _open(self, mpath: str, dpath: str | None, names: str | None, read_only: bool) -> None:
+    def _open(self, mpath: str, dpath: str | None, names: str | None, read_only: bool,
+              wait: float | None = 0, readers: str | None = None) -> None:
         if not os.path.exists(mpath):
             raise NotFound(f"metadata device {mpath} does not exist")
         self.read_only = read_only
-        self._lock = _Lock(mpath, exclusive=not read_only)
         try:
+            self._take_locks(mpath, read_only, wait, readers)
             self._meta = ThinMetadata.open(mpath, read_only=read_only)
+            if self._readers is not None and not read_only:
+                self._meta.commit_gate = self._commit_window
+            elif self._readers is not None:
+                writer = writer_of(mpath)
+                if writer is not None:
+                    self.notes.append(
+                        f"process {writer}{process_command(writer)} is changing the pool: this "
+                        f"shows its last commit (transaction {self._meta.trans_id})")
             bs = self._meta.data_block_size * fmt.SECTOR_SIZE
             self.block_size = bs
             if dpath is not None:
@@ -237,6 +261,30 @@ class Pool:
         except BaseException:
             self._close_parts()
             raise
+
+    def _take_locks(self, mpath: str, read_only: bool, wait: float | None,
+                    readers: str | None) -> None:
+        if readers is not None:
+            try:
+                self._readers = ReadersLock(readers)
+            except OSError:               # (a directory we may not write: lock as before)
+                self._readers = None
+        if self._readers is None:
+            self._lock = _Lock(mpath, exclusive=not read_only, wait=wait)
+            return
+        if read_only:
+            if writer_of(mpath) == os.getpid():
+                raise BusyError(f"pool {self.name} is open for writing by this process "
+                                f"({os.getpid()}) through another Pool object; read through that "
+                                f"one, or close it first", holder_pid=os.getpid())
+            self._readers.share()
+            return
+        self._lock = _Lock(mpath, exclusive=True, wait=wait)
+        self._readers.refuse_own_readers(f"pool {self.name}")
+
+    def _commit_window(self, wait: bool = True):
+        """Held around a commit: no reader of the last commit is left (locking.py)."""
+        return self._readers.exclusive(wait=wait, on_wait=self.reader_wait_hook)
 
     def _size_guess(self, dev_id: int) -> int:
         """A size for a device nobody named: up to its highest mapped block."""
@@ -281,12 +329,14 @@ class Pool:
                     data, self._data = self._data, None
                     data.close()
             finally:
-                if self._lock is not None:
-                    lock, self._lock = self._lock, None
-                    lock.release()
+                for attr in ("_lock", "_readers"):
+                    lock = getattr(self, attr)
+                    if lock is not None:
+                        setattr(self, attr, None)
+                        lock.release()
 
     def __del__(self) -> None:
-        if getattr(self, "_lock", None) is None:
+        if getattr(self, "_lock", None) is None and getattr(self, "_readers", None) is None:
             return
         warnings.warn(f"pool {self.name} was never closed; closing it now (what it had not "
                       f"committed is dropped)", ResourceWarning, source=self)
@@ -554,11 +604,20 @@ class Pool:
         self._commit(force=grew)
 
     # -- transactions ------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Make every write so far durable: data fsync, then metadata, superblock last."""
+    def commit(self, wait: bool = True) -> bool:
+        """Make every write so far durable: data fsync, then metadata, superblock last.
+
+        A commit waits until no reader of the last commit is left (locking.py); with
+        ``wait=False`` it is skipped instead (returns False: nothing was committed, the
+        transaction goes on), as a periodic commit may be."""
         with self._guard():
-            self._commit(force=False)
+            with (self._commit_window(wait) if self._readers is not None and not self.read_only
+                  else nullcontext(True)) as free:
+                if not free:
+                    return False
+                self._commit(force=False)
             self._space.notify_all()      # blocks freed by this transaction can be reused now
+            return True
 
     def _commit(self, force: bool) -> None:
         self._check_open()
@@ -639,7 +698,8 @@ class Pool:
             opts = self.options
             # Only an operation of its own may wait: a nested one (a device change's write)
             # would let other threads in halfway through its caller.
-            if opts.error_if_no_space or opts.no_space_timeout <= 0 or self._ops.nested:
+            if (opts.error_if_no_space or opts.no_space_timeout <= 0 or self._ops.nested
+                    or not self.wait_for_space):
                 raise
             deadline = time.monotonic() + opts.no_space_timeout
             while True:

@@ -227,10 +227,18 @@ def test_import_larger_than_volume_changes_nothing(home, demo, tmp_path):
 def test_locked_pool_is_busy_and_names_the_holder(home, demo):
     before = fingerprint(home / "demo")
     with pool_held_elsewhere(home / "demo") as holder:
-        for args, stdin in ((["stat", "demo"], b""), (["create", "demo/x", "--size", "1M"], b""),
-                            (["write", "demo/vol0"], b"data")):
+        for args, stdin in ((["create", "demo/x", "--size", "1M"], b""),
+                            (["write", "demo/vol0"], b"data"), (["snapshot", "demo/vol0", "s"], b"")):
             r = tp(home, *args, input=stdin)
-            assert_one_line_error(r, 5, f"process {holder.pid}", "demo")
+            assert_one_line_error(r, 5, f"process {holder.pid}", "demo", "--wait")
+        r = tp(home, "create", "demo/x", "--size", "1M", "--wait=0.2")
+        assert_one_line_error(r, 5, f"process {holder.pid}", "waited 0.2 s")
+        # Readers go on beside the writer, and say that what they show is its last commit.
+        for args in (["stat", "demo"], ["list"], ["read", "demo/vol0", "--length", "4"],
+                     ["dump", "demo"], ["check", "demo"], ["ls", "demo"]):
+            r = tp(home, *args, check=0)
+            assert f"process {holder.pid}" in r.stderr and "last commit" in r.stderr, args
+        assert [p["name"] for p in json.loads(tp(home, "list", "--json", check=0).out)] == ["demo"]
     assert fingerprint(home / "demo") == before
     check_metadata(home / "demo")
     tp(home, "stat", "demo", check=0)        # free again

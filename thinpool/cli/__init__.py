@@ -35,8 +35,11 @@ def load_commands():
     global _loaded
     from .app import cli
     if not _loaded:
+        from .app import WAIT_OPTION
         for name in COMMAND_MODULES:
             importlib.import_module(f"{__name__}.{name}")
+        for command in cli.commands.values():
+            command.params.append(WAIT_OPTION)
         _loaded = True
     return cli
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import app, output
 
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = _wait_args(sys.argv[1:] if argv is None else list(argv))
     app.DEBUG = os.environ.get("THINPOOL_DEBUG", "") not in ("", "0")
     code = 1
     try:
@@ -82,6 +85,30 @@ def main(argv: list[str] | None = None) -> int:
                          f"(run with --debug for a traceback)")
         code = 1
     return _finish(code)
+
+
+def _wait_args(args: list[str]) -> list[str]:
+    """``--wait`` takes an optional value: ``--wait 30`` and ``--wait=30`` wait 30 s, a bare
+    ``--wait`` (before anything that is not a number) as long as it takes."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out += args[i:]
+            break
+        if a == "--wait":
+            nxt = args[i + 1] if i + 1 < len(args) else ""
+            try:
+                float(nxt)
+            except ValueError:
+                out.append("--wait=forever")
+            else:
+                out.append(f"--wait={nxt}")
+                i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
 def _usage_line(e) -> str:

@@ -28,6 +28,7 @@ import click
 
 from thinpool.errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NotFound,
                              ThinpoolError)
+from thinpool.locking import process_command
 from thinpool.paths import CONFIG_NAME          # the file that makes a directory a pool
 from thinpool.units import format_size, parse_size
 
@@ -135,6 +136,9 @@ TARGET = TargetParam("pool[/volume]", volume=None)
 class Session:
     def __init__(self, home: Path):
         self.home = home
+        #: How long a writer waits for another writer (``--wait[=SECONDS]``): 0 not at all,
+        #: None as long as it takes.
+        self.wait: float | None = 0
 
     def pool_path(self, name: str) -> Path:
         return self.home / check_pool_name(name)
@@ -168,15 +172,22 @@ class Session:
         path = self.require_pool(name)
         from thinpool import Pool
         try:
-            pool = Pool.open(path, read_only=not write)
+            pool = Pool.open(path, read_only=not write, wait=self.wait if write else 0)
         except BusyError as e:
             pid = e.holder_pid
-            who = f"process {pid}{_describe_process(pid)}" if pid else "another process"
-            raise BusyError(f"pool {name!r} is in use by {who}; wait for it to finish or stop it, "
-                            f"then try again", holder_pid=pid) from e
+            who = f"process {pid}{process_command(pid)}" if pid else "another process"
+            hint = ("; pass --wait to wait for it (--wait=SECONDS for at most that long)"
+                    if self.wait == 0 else
+                    f" (waited {self.wait:g} s)" if self.wait is not None else "")
+            raise BusyError(f"pool {name!r} is in use by {who}{hint}", holder_pid=pid) from e
         except MetadataError as e:
             raise MetadataError(f"pool {name!r} does not open: {e} (its metadata is damaged; "
                                 f"'thinpool check {name}' examines it)") from e
+        # A command is the pool's only user in this process: nobody else could free space
+        # while it waits, so a write that finds the pool full fails at once (exit 4).
+        pool.wait_for_space = False
+        pool.reader_wait_hook = lambda pids: output.note(
+            f"pool {name}: waiting for {_readers(pids)} to finish reading before committing")
         seen = len(pool.notes)
         for note in pool.notes:
             output.note(f"pool {name}: {note}")
@@ -188,16 +199,39 @@ class Session:
                 output.warn(f"pool {name}: {note}")
 
 
-def _describe_process(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return ""
-    cmd = " ".join(" ".join(a.decode(errors="replace") for a in argv if a).split())
-    if len(cmd) > 60:
-        cmd = cmd[:57] + "..."
-    return f" ({cmd})" if cmd else ""
+def _readers(pids: list[int]) -> str:
+    if not pids:
+        return "a reader"
+    return ", ".join(f"process {p}{process_command(p)}" for p in pids[:3]) + (
+        f" and {len(pids) - 3} more" if len(pids) > 3 else "")
+
+
+def _wait_seconds(ctx: click.Context, param, value):
+    """``--wait`` (as long as it takes) or ``--wait=SECONDS`` into the session."""
+    if value is None:
+        return None
+    if value == "forever":
+        wait = None
+    else:
+        try:
+            wait = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a number of seconds (write it as "
+                                     f"--wait=SECONDS, with the '=')", ctx, param) from None
+        if not 0 <= wait < 1e9:
+            raise click.BadParameter(f"{value!r}: give 0 or more seconds", ctx, param)
+    session = ctx.find_object(Session)
+    if session is not None:
+        session.wait = wait
+    return None
+
+
+#: Added to every command by :func:`thinpool.cli.load_commands`.
+WAIT_OPTION = click.Option(
+    ["--wait"], is_flag=False, flag_value="forever", default=None, metavar="[=SECONDS]",
+    expose_value=False, callback=_wait_seconds,
+    help="If another command is changing the pool, wait for it (at most SECONDS) instead of "
+         "failing with exit 5.")
 
 
 pass_session = click.make_pass_decorator(Session)

@@ -41,6 +41,7 @@ delete O(unshared nodes of the device); commit O(changed blocks) plus vectorised
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -80,6 +81,9 @@ class ThinMetadata:
         self.commits = 0          # commits made through this object
         self.generation = 0       # see _reset_changes
         self._lcache: dict[int, dict[int, tuple[int, int] | None]] = {}
+        #: Entered around every commit, before anything changes (the pool sets it: a commit
+        #: waits there until no reader of the last commit is left; see locking.py).
+        self.commit_gate = nullcontext
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -591,6 +595,10 @@ class ThinMetadata:
 
         A failure rolls the transaction back (:meth:`abort`) and is raised; a write that failed
         may still have reached the disk, so the pool must then treat its state as unknown."""
+        with self.commit_gate():
+            return self._commit()
+
+    def _commit(self) -> np.ndarray:
         self._change()
         try:
             for dev in sorted(self._dirty_roots):
