@@ -306,6 +306,20 @@ class Volume:
             self._live()
             return self.pool._meta.device(self.dev_id).mapped_blocks
 
+    def blocks_to_provision(self, offset: int, length: int) -> int:
+        """How many new data blocks a write of ``length`` bytes at ``offset`` would take now:
+        the blocks it covers that are unmapped or shared."""
+        with self.pool._mutex:
+            self._live()
+            if length <= 0:
+                return 0
+            bs = self.pool.block_size
+            first, last = offset // bs, (offset + length - 1) // bs
+            meta = self.pool._meta
+            own = sum(1 for _, t in self._map(first, last).values()
+                      if not meta.is_shared(self.dev_id, t))
+            return last - first + 1 - own
+
     def mappings(self) -> list[tuple[int, int, int]]:
         """Every mapping as (virtual block, data block, time), in order."""
         out = []

@@ -162,8 +162,24 @@ class Session:
                            f"'thinpool list' shows the pools there")
         return path
 
+    def _busy(self, name: str, pid: int | None) -> BusyError:
+        who = f"process {pid}{process_command(pid)}" if pid else "another process"
+        hint = ("; pass --wait to wait for it (--wait=SECONDS for at most that long)"
+                if self.wait == 0 else
+                f" (waited {self.wait:g} s)" if self.wait is not None else "")
+        return BusyError(f"pool {name!r} is in use by {who}{hint}", holder_pid=pid)
+
+    def refuse_if_busy(self, name: str) -> None:
+        """Fail now, as opening it for writing would, if another process is changing the pool
+        (and --wait was not given): before a command spends time on its input."""
+        from thinpool.config import pool_files
+        from thinpool.locking import writer_of
+        pid = writer_of(pool_files(self.require_pool(name))[0])
+        if pid is not None and self.wait == 0:
+            raise self._busy(name, pid)
+
     @contextmanager
-    def pool(self, name: str, *, write: bool = False) -> Iterator["Pool"]:
+    def pool(self, name: str, *, write: bool = False, quiet: bool = False) -> Iterator["Pool"]:
         """Open and lock pool ``name`` for one command.
 
         ``write=False`` takes a shared lock (other readers may run alongside), ``write=True`` the
@@ -174,12 +190,7 @@ class Session:
         try:
             pool = Pool.open(path, read_only=not write, wait=self.wait if write else 0)
         except BusyError as e:
-            pid = e.holder_pid
-            who = f"process {pid}{process_command(pid)}" if pid else "another process"
-            hint = ("; pass --wait to wait for it (--wait=SECONDS for at most that long)"
-                    if self.wait == 0 else
-                    f" (waited {self.wait:g} s)" if self.wait is not None else "")
-            raise BusyError(f"pool {name!r} is in use by {who}{hint}", holder_pid=pid) from e
+            raise self._busy(name, e.holder_pid) from e
         except MetadataError as e:
             raise MetadataError(f"pool {name!r} does not open: {e} (its metadata is damaged; "
                                 f"'thinpool check {name}' examines it)") from e
@@ -189,13 +200,13 @@ class Session:
         pool.reader_wait_hook = lambda pids: output.note(
             f"pool {name}: waiting for {_readers(pids)} to finish reading before committing")
         seen = len(pool.notes)
-        for note in pool.notes:
+        for note in () if quiet else pool.notes:
             output.note(f"pool {name}: {note}")
         try:
             with pool:
                 yield pool
         finally:
-            for note in pool.notes[seen:]:      # what the command itself ran into
+            for note in () if quiet else pool.notes[seen:]:   # what the command ran into
                 output.warn(f"pool {name}: {note}")
 
 

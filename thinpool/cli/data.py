@@ -10,7 +10,19 @@
 * ``export FILE`` makes FILE the volume's size and writes only the non-zero 4 KiB pages of mapped
   blocks, so FILE keeps the volume's holes.
 
-Both show a progress bar on stderr when it is a terminal. Readers take the pool's shared lock.
+Both show a progress bar on stderr when it is a terminal. Readers hold the pool's readers' lock
+and read its last commit, beside a writer.
+
+**Long writes commit as they go.** ``write`` and ``import`` commit every 64 MiB written or every
+5 seconds (:data:`COMMIT_BYTES`, :data:`COMMIT_SECONDS`; skipped while a reader holds the last
+commit, tried again at the next step), so an interrupted or killed one keeps a prefix of what it
+wrote, consistent at a commit (for ``import``: the file's first bytes, blocks where the file is
+zero discarded up to there as well). ``write`` spools its input before it takes the writer lock.
+
+**Out of data space** (the command is the pool's only user here: nothing could free space while
+it waited), a write stops at once: what fits is written block by block and committed, and the
+error (exit 4) says exactly which bytes were written, how many more blocks the rest needs and how
+to go on.
 """
 
 from __future__ import annotations
@@ -20,11 +32,12 @@ import os
 import stat as stat_mod
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
 
-from thinpool.errors import InvalidArgument, OutOfRange
+from thinpool.errors import InvalidArgument, NoDataSpace, OutOfRange
 from thinpool.units import format_size
 
 from . import output
@@ -33,6 +46,8 @@ from .app import SIZE, VOLUME, Session, Target, cli, get_volume, pass_session
 CHUNK = 4 << 20            # bytes per read/write; a multiple of every block size up to 4 MiB
 PAGE = 4096                # export's hole granularity (the usual file system block)
 SPOOL_IN_MEMORY = 32 << 20
+COMMIT_BYTES = 64 << 20    # a long write or import commits after this many bytes...
+COMMIT_SECONDS = 5.0       # ...or this many seconds, whichever comes first
 
 
 def _chunk_for(bs: int) -> int:
@@ -55,22 +70,101 @@ def write(session: Session, target: Target, offset: int) -> None:
     if sys.stdin.isatty():
         raise InvalidArgument("stdin is a terminal; pipe the data in, e.g. "
                               f"'thinpool write {target} < FILE'")
-    with session.pool(target.pool, write=True) as pool:
-        vol = get_volume(pool, target)
-        if offset > vol.size:
-            raise OutOfRange(f"offset {offset} is past the end of volume {target} "
-                             f"({vol.size} bytes)")
-        room = vol.size - offset
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
-            total = _spool_stdin(spool, room, target, offset, vol.size)
-            spool.seek(0)
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+        # The input first, without the writer lock (readers never need it; other writers
+        # need it only while this one writes).
+        session.refuse_if_busy(target.pool)
+        with session.pool(target.pool, quiet=True) as pool:
+            size = _room(get_volume(pool, target), target, offset)
+        total = _spool_stdin(spool, size - offset, target, offset, size)
+        spool.seek(0)
+        with session.pool(target.pool, write=True) as pool:
+            vol = get_volume(pool, target)
+            _room(vol, target, offset, total)
             chunk = _chunk_for(pool.block_size)
+            steps = _Steps(pool)
             pos = offset
-            while pos < offset + total:
-                n = min(chunk - pos % chunk, offset + total - pos)
-                vol.write(pos, spool.read(n))
-                pos += n
+            try:
+                while pos < offset + total:
+                    n = min(chunk - pos % chunk, offset + total - pos)
+                    _put(vol, pos, spool.read(n), pool.block_size)
+                    pos += n
+                    steps.wrote(n)
+            except _Stopped as e:
+                raise _out_of_space(pool, vol, target, offset, e.at, offset + total,
+                                    f"write the rest with 'thinpool write {target} --offset "
+                                    f"{e.at}'") from None
     output.echo(f"wrote {total} bytes ({format_size(total)}) to {target} at offset {offset}")
+
+
+def _room(vol, target: Target, offset: int, total: int = 0) -> int:
+    if offset > vol.size:
+        raise OutOfRange(f"offset {offset} is past the end of volume {target} "
+                         f"({vol.size} bytes)")
+    if offset + total > vol.size:
+        raise OutOfRange(f"the input reaches past the end of volume {target} ({vol.size} bytes): "
+                         f"only {vol.size - offset} bytes fit from offset {offset}; nothing was "
+                         f"written (it shrank meanwhile)")
+    return vol.size
+
+
+class _Steps:
+    """Commits a long write as it goes (see the module docstring)."""
+
+    def __init__(self, pool, before_commit=None):
+        self.pool = pool
+        self.before_commit = before_commit
+        self.bytes = 0
+        self.since = time.monotonic()
+
+    def wrote(self, n: int, upto: int | None = None) -> None:
+        self.bytes += n
+        if self.bytes < COMMIT_BYTES and time.monotonic() - self.since < COMMIT_SECONDS:
+            return
+        if self.before_commit is not None:
+            self.before_commit(upto)
+        if self.pool.commit(wait=False):
+            self.bytes, self.since = 0, time.monotonic()
+
+
+class _Stopped(Exception):
+    """Out of data space: every byte before ``at`` was written."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+
+def _put(vol, pos: int, buf, bs: int) -> None:
+    """Write ``buf`` at ``pos``; out of space, write what fits block by block and raise _Stopped."""
+    try:
+        vol.write(pos, buf)
+        return
+    except NoDataSpace:
+        if len(buf) <= bs:
+            raise _Stopped(pos) from None
+    view, off = memoryview(buf), 0
+    while off < len(buf):
+        n = min(bs - (pos + off) % bs, len(buf) - off)
+        try:
+            vol.write(pos + off, view[off:off + n])
+        except NoDataSpace:
+            raise _Stopped(pos + off) from None
+        off += n
+
+
+def _out_of_space(pool, vol, target: Target, start: int, at: int, end: int,
+                  resume: str) -> NoDataSpace:
+    """Commit what was written and describe it, as dd does."""
+    pool.commit()
+    bs = pool.block_size
+    need = vol.blocks_to_provision(at, end - at)
+    free = pool.stat().data_blocks_free
+    done = (f"wrote {at - start} bytes ({format_size(at - start)}, offsets {start} to {at}) and "
+            f"committed them" if at > start else "wrote nothing")
+    return NoDataSpace(
+        f"pool {target.pool} is out of data space: {done}; the other {end - at} bytes need up "
+        f"to {need} more data block(s) ({format_size(need * bs)}) and {free} are free: grow the "
+        f"pool with 'thinpool resize {target.pool} --size SIZE', then {resume}")
 
 
 def _spool_stdin(spool, room: int, target: Target, offset: int, size: int) -> int:
@@ -145,7 +239,7 @@ def import_(session: Session, target: Target, file: Path) -> None:
                     f"{file} is {format_size(size)} ({size} bytes), larger than volume {target} "
                     f"({vol.size} bytes); grow it first with "
                     f"'thinpool resize {target} --size {size}'")
-            written = _import(fd, size, vol, pool.block_size, f"import {file.name}")
+            written = _import(fd, size, vol, pool.block_size, f"import {file.name}", pool, target)
     finally:
         os.close(fd)
     output.echo(f"imported {file} ({format_size(size)}) into {target}: "
@@ -180,8 +274,9 @@ def _data_extents(fd: int, size: int):
         pos = end
 
 
-def _import(fd: int, size: int, vol, bs: int, label: str) -> int:
-    """Write FILE's non-zero blocks; discard blocks the volume had mapped where FILE is zero."""
+def _import(fd: int, size: int, vol, bs: int, label: str, pool, target: Target) -> int:
+    """Write FILE's non-zero blocks; discard blocks the volume had mapped where FILE is zero
+    (up to each commit, so an interrupted import keeps an exact prefix of FILE)."""
     import numpy as np
 
     nblocks = -(-size // bs)
@@ -192,31 +287,55 @@ def _import(fd: int, size: int, vol, bs: int, label: str) -> int:
     written_blocks = np.zeros(nblocks, bool)
     chunk = _chunk_for(bs)
     written = 0
-    with output.progress(size, label) as bar:
-        done = 0
-        for start, end in _data_extents(fd, size):
-            start = max(start - start % bs, done)             # whole blocks
-            end = min(-(-end // bs) * bs, size)
-            bar.advance(start - done)
-            pos = start
-            while pos < end:
-                n = min(chunk, end - pos)
-                buf = os.pread(fd, n, pos)
-                if len(buf) != n:
-                    raise InvalidArgument(f"the source changed size while it was read "
-                                          f"(short read at offset {pos})")
-                for a, z in _nonzero_runs(buf, bs):
-                    vol.write(pos + a, memoryview(buf)[a:z])
-                    written_blocks[(pos + a) // bs: -(-(pos + z) // bs)] = True
-                    written += z - a
-                bar.advance(n)
-                pos += n
-            done = end
-        bar.advance(size - done)
-    # Blocks that are zero in FILE but were mapped: unmap them so the volume reads zeros there.
-    stale = was_mapped & ~written_blocks
-    for a, z in _true_runs(stale):
-        vol.discard(a * bs, min(z * bs, size) - a * bs)
+    cleared = [0]                               # blocks below this are settled
+
+    def clear_stale(upto: int | None) -> None:
+        """Unmap the blocks below byte ``upto`` that FILE has zero but the volume had mapped."""
+        hi = nblocks if upto is None else min(upto // bs, nblocks)
+        lo = cleared[0]
+        if hi <= lo:
+            return
+        stale = was_mapped[lo:hi] & ~written_blocks[lo:hi]
+        for a, z in _true_runs(stale):
+            vol.discard((lo + a) * bs, min((lo + z) * bs, size) - (lo + a) * bs)
+        cleared[0] = hi
+
+    steps = _Steps(pool, clear_stale)
+    pos = 0
+    try:
+        with output.progress(size, label) as bar:
+            done = 0
+            for start, end in _data_extents(fd, size):
+                start = max(start - start % bs, done)             # whole blocks
+                end = min(-(-end // bs) * bs, size)
+                bar.advance(start - done)
+                pos = start
+                while pos < end:
+                    n = min(chunk, end - pos)
+                    buf = os.pread(fd, n, pos)
+                    if len(buf) != n:
+                        raise InvalidArgument(f"the source changed size while it was read "
+                                              f"(short read at offset {pos})")
+                    for a, z in _nonzero_runs(buf, bs):
+                        try:
+                            _put(vol, pos + a, memoryview(buf)[a:z], bs)
+                        except _Stopped as e:
+                            written_blocks[(pos + a) // bs: e.at // bs] = True
+                            written += e.at - pos - a
+                            raise
+                        written_blocks[(pos + a) // bs: -(-(pos + z) // bs)] = True
+                        written += z - a
+                    bar.advance(n)
+                    pos += n
+                    steps.wrote(n, pos)
+                done = end
+            bar.advance(size - done)
+        clear_stale(None)
+    except _Stopped as e:
+        clear_stale(e.at)
+        raise _out_of_space(pool, vol, target, 0, e.at, size,
+                            "run the import again (the blocks already written are "
+                            "written again)") from None
     return written
 
 

@@ -122,6 +122,8 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
             with output.count_progress(_device_count(src.path), "checking", "devices") as bar:
                 report = run_check(src.path, progress=lambda n: bar.advance(1))
             flagged = src.pool is not None and src.pool.metadata.needs_check
+            if src.pool is not None:
+                _report_unmapped(src.pool, target, report)
     except MetadataError:
         if not _is_pool(session, target):
             raise
@@ -147,6 +149,21 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
         output.echo(f"{target}: {status}; transaction id {report.transaction_id}, "
                     f"{report.nr_devices} device(s), {report.nr_mappings} mapping(s)")
     return 0 if report.clean else 3
+
+
+def _report_unmapped(pool, target: str, report) -> None:
+    """Data-file space no mapping owns (an interrupted writer's): a note, not damage."""
+    from thinpool.tools.check import Finding
+    from thinpool.tools.leaks import unmapped_allocated
+    found = unmapped_allocated(pool)
+    if found is None or not found.blocks:
+        return
+    report.findings.append(Finding(
+        "unmapped space",
+        f"the data file holds {found.bytes} bytes ({format_size(found.bytes)}) in "
+        f"{found.blocks} free data block(s) that no mapping owns (left by an interrupted or "
+        f"uncommitted write); 'thinpool trim {target}' gives them back to the host",
+        structure="data device", severity="info"))
 
 
 # -- repair ----------------------------------------------------------------------------------
