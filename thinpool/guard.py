@@ -33,11 +33,15 @@ from .errors import IncompatibleMetadata, MetadataError, MetadataIOError, NoMeta
 
 
 class OperationGuard:
-    def __init__(self, metadata: Callable[[], object | None], name: Callable[[], str]):
+    def __init__(self, metadata: Callable[[], object | None], name: Callable[[], str],
+                 on_damage: Callable[[BaseException], object] | None = None):
         """``metadata()`` is the pool's open, writable metadata (None when it is closed or open
-        read-only: then there is nothing to protect); ``name()`` the pool's name for messages."""
+        read-only: then there is nothing to protect); ``name()`` the pool's name for messages;
+        ``on_damage(e)`` is told of damaged metadata an operation of a read-only pool ran into
+        (it marks the pool for a check, see damage.py)."""
         self._metadata = metadata
         self._name = name
+        self._on_damage = on_damage
         self.mutex = threading.RLock()
         self.space = threading.Condition(self.mutex)     # notified when data space may be free
         self._depth = 0                    # nesting, for the thread holding the mutex
@@ -73,7 +77,13 @@ class OperationGuard:
         """Degrade the pool if ``e`` left anything half done or reports damage; returns the
         exception to raise instead, if any."""
         meta = self._metadata()
-        if meta is None or self._mark is None or isinstance(e, IncompatibleMetadata):
+        if isinstance(e, IncompatibleMetadata):
+            return None
+        if meta is None:
+            if isinstance(e, MetadataError) and self._on_damage is not None:
+                self._on_damage(e)          # a reader: nothing to protect, but remember it
+            return None
+        if self._mark is None:
             return None
         damage = isinstance(e, (MetadataError, MetadataIOError))
         if meta.intact_since(self._mark) and not damage:

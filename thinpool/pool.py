@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import os
+import struct
 import subprocess
 import time
 import warnings
@@ -64,19 +65,22 @@ import numpy as np
 
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
-from .errors import (AlreadyExists, InvalidArgument, MetadataError, NoDataSpace,
-                     NoMetadataSpace, NotFound, ReadOnlyError, ThinpoolError)
+from . import damage, records
+from .errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument, MetadataError,
+                     NoDataSpace, NoMetadataSpace, NotFound, PoolDamaged, ReadOnlyError,
+                     ThinpoolError)
 from .guard import OperationGuard
 from .metadata import format as fmt
 from .metadata.thin_metadata import ThinMetadata
 from .registry import Entry, Registry, check_name
 from .volume import Volume
 
-from .config import PoolOptions, _read_config, _write_json, pool_files
+from .config import PoolOptions, _read_config, _write_json, pool_files, read_config  # noqa: F401
 from .creation import (DEFAULT_BLOCK_SIZE, _int_arg, check_block_size,  # noqa: F401 (API)
                        check_metadata_size, default_metadata_size, make_pool_files)
 from .locking import MetadataLock as _Lock
-from .paths import CONFIG_NAME, NAMES_NAME
+from .paths import CONFIG_COPY_NAME, CONFIG_NAME, NAMES_NAME
+from .units import format_size
 
 
 
@@ -103,6 +107,8 @@ class VolumeStat:
     origin: str | None
     creation_time: int
     snapshotted_time: int
+    #: The name and size were made up because every copy of the names was lost.
+    guessed: bool = False
 
 
 @dataclass
@@ -149,11 +155,12 @@ class Pool:
         self.read_only = True
         # One operation at a time, and the rule for exceptions inside one (guard.py).
         self._ops = OperationGuard(lambda: None if self.read_only else self._meta,
-                                   lambda: self.name)
+                                   lambda: self.name, on_damage=self.report_damage)
         self._mutex = self._ops.mutex            # waits for space release it
         self._space = self._ops.space
         self._low_water_fired = False
         self._unpunched: list[np.ndarray] = []   # freed blocks a failed punch left behind
+        self._marker: damage.Marker | None = None  # a reader found damage (damage.py)
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -171,13 +178,36 @@ class Pool:
     @classmethod
     def open(cls, path, read_only: bool = False) -> "Pool":
         path = Path(path)
-        mpath, dpath = pool_files(path)
+        conf = read_config(path)
         self = cls()
         self.path = path
         self.name = path.name
-        self.options = PoolOptions.from_dict(_read_config(path).get("options"))
-        self._open(str(mpath), str(dpath), str(path / NAMES_NAME), read_only)
+        self.options = PoolOptions.from_dict(conf.doc.get("options"))
+        self._open(str(path / conf.doc["metadata"]), str(path / conf.doc["data"]),
+                   str(path / NAMES_NAME), read_only)
+        self._settle_config(conf)
         return self
+
+    def _settle_config(self, conf) -> None:
+        """A damaged or missing copy of pool.json: a note, and a writer rewrites it from the
+        copy in use (the damaged file moved aside first). A failure to rewrite is a note too:
+        the copy in use is intact."""
+        if not conf.problems and not conf.differs:
+            return
+        what = "; ".join(map(str, conf.problems)) or f"{CONFIG_COPY_NAME} differs from {CONFIG_NAME}"
+        if self.read_only:
+            self.notes.append(f"pool configuration: {what}; read from {conf.source}; the next "
+                              f"command that writes to the pool rewrites it")
+            return
+        try:
+            kept = records.preserve(conf.problems)
+            _write_json(self.path / CONFIG_NAME, {k: v for k, v in conf.doc.items() if k != "copies"})
+        except OSError as e:
+            self.notes.append(f"pool configuration: {what}; read from {conf.source}; rewriting "
+                              f"it failed ({e.strerror or e})")
+            return
+        self.notes.append(f"pool configuration: {what}; rewrote both copies from {conf.source}"
+                          + "".join(f"; {k}" for k in kept))
 
     def configure(self, **changes) -> PoolOptions:
         """Change and save pool options (see :class:`PoolOptions`)."""
@@ -188,7 +218,7 @@ class Pool:
             opts = PoolOptions(**{**asdict(self.options), **changes}).check()
         except TypeError as e:
             raise InvalidArgument(str(e)) from None
-        cfg = _read_config(self.path)
+        cfg = {k: v for k, v in _read_config(self.path).items() if k != "copies"}
         cfg["options"] = asdict(opts)
         _write_json(self.path / CONFIG_NAME, cfg)
         with self._space:
@@ -215,15 +245,13 @@ class Pool:
         self.read_only = read_only
         self._lock = _Lock(mpath, exclusive=not read_only)
         try:
-            self._meta = ThinMetadata.open(mpath, read_only=read_only)
+            self._meta = self._open_metadata(mpath, read_only)
             bs = self._meta.data_block_size * fmt.SECTOR_SIZE
             self.block_size = bs
             if dpath is not None:
                 self._data = DataDevice.open(dpath, bs, read_only=read_only)
                 if self._data.nr_blocks < self._meta.nr_data_blocks:
-                    raise MetadataError(
-                        f"data device {dpath} has {self._data.nr_blocks} blocks but the metadata "
-                        f"describes {self._meta.nr_data_blocks}")
+                    raise self._short_data(dpath)
             self._alloc = DataAllocator(self._meta)
             self._registry = Registry.load(names)
             if read_only and self._registry.pending is not None:
@@ -234,9 +262,85 @@ class Pool:
             self.notes += reg.reconcile(self._meta.trans_id, self._meta.device_ids(), self._size_guess)
             if read_only:
                 reg.path = names
+            self._honour_marker()
         except BaseException:
             self._close_parts()
             raise
+
+    def _short_data(self, dpath: str) -> PoolDamaged:
+        need = self._meta.nr_data_blocks * self.block_size
+        size = self._data.size
+        grow = (f"'truncate -s {need} {dpath}'" if not self._data.is_block_device
+                else "a larger device")
+        return PoolDamaged(
+            f"data device {dpath} is {format_size(size)} ({size} bytes) but the metadata "
+            f"{self._meta.bm.path} describes {self._meta.nr_data_blocks} blocks of "
+            f"{format_size(self.block_size)}, which need {format_size(need)} ({need} bytes): the "
+            f"data device was cut short or replaced (this is not metadata damage). If it was cut "
+            f"short, grow it back to {need} bytes ({grow}); what was cut off reads as zeros, so "
+            f"restore that part from a backup if you have one. Then run 'thinpool check "
+            f"{self.name}'", dpath)
+
+    def _open_metadata(self, mpath: str, read_only: bool) -> ThinMetadata:
+        """Open the metadata; damage that a second attempt finds in the same committed
+        superblock marks the pool for a check (damage.py)."""
+        try:
+            return ThinMetadata.open(mpath, read_only=read_only)
+        except MetadataError as e:
+            if isinstance(e, IncompatibleMetadata) or self.path is None:
+                raise
+            first = damage.committed_superblock(mpath)
+            try:
+                return ThinMetadata.open(mpath, read_only=read_only)   # a commit raced with us?
+            except MetadataError as again:
+                if first is not None and damage.committed_superblock(mpath) == first:
+                    self._leave_marker(f"the metadata {mpath} does not open: {again}", None)
+                raise again from None
+
+    def _leave_marker(self, reason: str, transaction_id: int | None) -> bool:
+        try:
+            damage.mark(self.path, reason, transaction_id)
+        except OSError as err:
+            self.notes.append(f"the damage could not be recorded in "
+                              f"{damage.marker_path(self.path)} ({err.strerror or err})")
+            return False
+        return True
+
+    def _honour_marker(self) -> None:
+        """A reader left the needs-check marker: a writer sets NEEDS_CHECK (the pool is
+        read-only until a check); a reader reports the pool as needing a check."""
+        self._marker = None if self.path is None else damage.read(self.path)
+        if self._marker is not None and not self.read_only and not self._meta.needs_check:
+            self._degrade(f"an earlier command found damaged metadata ({self._marker})")
+
+    def report_damage(self, error: BaseException) -> bool:
+        """Damage found while reading this pool (by one of its operations or by a tool that
+        read its metadata file). If it is in the committed metadata, the pool is marked for a
+        check: a writer degrades (NEEDS_CHECK), a reader leaves the needs-check marker, which the
+        next writer's open turns into NEEDS_CHECK. A reader whose view is older than the
+        committed superblock (a writer committed meanwhile) marks nothing: what it saw may have
+        been a block reused since. Returns whether the pool was marked."""
+        with self._mutex:
+            meta = self._meta
+            if (meta is None or self.path is None or not isinstance(error, MetadataError)
+                    or isinstance(error, IncompatibleMetadata)):
+                return False
+            reason = f"damaged metadata in {meta.bm.path}: {error}"
+            if not self.read_only:
+                if not meta.needs_check:
+                    self._degrade(reason)
+                return True
+            raw = damage.committed_superblock(meta.bm.path)
+            try:
+                now = fmt.Superblock.unpack(raw) if raw is not None else None
+            except (ValueError, TypeError, struct.error):
+                now = None
+            if now != meta.sb:
+                return False
+            if not self._leave_marker(reason, meta.trans_id):
+                return False
+            self._marker = damage.read(self.path)
+            return True
 
     def _size_guess(self, dev_id: int) -> int:
         """A size for a device nobody named: up to its highest mapped block."""
@@ -345,7 +449,7 @@ class Pool:
         self._check_open()
         if self._failed:
             return PoolMode.FAIL
-        if self._meta.needs_check:
+        if self._meta.needs_check or self._marker is not None:
             return PoolMode.READ_ONLY
         if self._alloc.available() == 0:
             return PoolMode.OUT_OF_DATA_SPACE
@@ -370,6 +474,28 @@ class Pool:
             self._check_writable(allow_needs_check=True)
             self._meta.set_needs_check(False)
             self._ops.recovered()
+            if self.path is not None and damage.clear(self.path):
+                self.notes.append("the needs-check marker left by an earlier command was removed")
+            self._marker = None
+
+    def rename(self, old: str, new: str) -> Volume:
+        """Give volume ``old`` the name ``new`` (the names registry only: the device, its id and
+        its data stay). Snapshots of it follow the new name. Written at once, atomically."""
+        check_name(new)
+        with self._guard():
+            self._check_writable()
+            self._entry(old)
+            self._check_new_name(new)
+            self._registry.rename(old, new)
+            self._volumes.pop(old, None)
+            return self.volume(new)
+
+    def guessed_names(self) -> list[str]:
+        """Volumes whose names were made up because every copy of the names was lost: their
+        id as name, a size up to the last mapped block, no origin (see registry.py)."""
+        with self._mutex:
+            self._check_open()
+            return self._registry.guessed()
 
     def volumes(self) -> list[str]:
         with self._mutex:
@@ -694,7 +820,7 @@ class Pool:
             mapped = d.mapped_blocks if d else 0
             vols.append(VolumeStat(name, e.dev_id, e.size, mapped, mapped * self.block_size,
                                    e.origin, d.creation_time if d else 0,
-                                   d.snapshotted_time if d else 0))
+                                   d.snapshotted_time if d else 0, e.guessed))
         used = meta.data_sm.nr_allocated()
         mused = meta.metadata_sm.nr_allocated()
         return PoolStat(
@@ -706,12 +832,14 @@ class Pool:
             metadata_blocks_total=meta.metadata_sm.nr_blocks, metadata_blocks_used=mused,
             metadata_blocks_free=meta.metadata_sm.nr_blocks - mused,
             transaction_id=meta.trans_id, time=meta.time, mode=self._mode().label,
-            needs_check=meta.needs_check, volumes=vols,
+            needs_check=meta.needs_check or self._marker is not None, volumes=vols,
             error_if_no_space=self.options.error_if_no_space,
             no_space_timeout=self.options.no_space_timeout,
             low_water_blocks=self.options.low_water_blocks,
             degraded=self._ops.failed or self._ops.degraded or (
-                "NEEDS_CHECK is set in the metadata" if meta.needs_check else None))
+                "NEEDS_CHECK is set in the metadata" if meta.needs_check else None) or (
+                None if self._marker is None else
+                f"an earlier command found damaged metadata ({self._marker})"))
 
     @property
     def metadata(self) -> ThinMetadata:
