@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import records
 from .errors import InvalidArgument, NotFound, PoolDamaged
-from .paths import CONFIG_NAME
+from .paths import CONFIG_NAME, is_pool_dir
 
 
 @dataclass
@@ -53,10 +53,10 @@ def read_config(path) -> records.Read:
     path = Path(path)
     got = records.read(path / CONFIG_NAME, _check_config)
     if got.doc is None:
-        if all(p.what == "missing" for p in got.problems):
+        if all(p.what == "missing" for p in got.problems) and not is_pool_dir(path):
             raise NotFound(f"no pool at {path}")
         raise PoolDamaged(
-            f"the pool configuration is damaged: {'; '.join(map(str, got.problems))}. It says where "
+            f"the pool configuration is lost: {'; '.join(map(str, got.problems))}. It says where "
             f"the data and metadata are; if they are the files 'data' and 'metadata' in {path}, "
             f"write {{\"data\": \"data\", \"metadata\": \"metadata\"}} into {path / CONFIG_NAME} "
             f"(see the README, 'Damaged pool records'), then run 'thinpool check {path.name}'",

@@ -21,5 +21,7 @@ def copy_of(path) -> str:
 
 
 def is_pool_dir(path) -> bool:
-    """True when ``path`` holds a pool: either copy of its pool.json is there."""
-    return any(os.path.isfile(os.path.join(path, n)) for n in (CONFIG_NAME, CONFIG_COPY_NAME))
+    """True when ``path`` holds a pool: either copy of its pool.json is there (or, when both
+    are lost, a copy of its names)."""
+    return any(os.path.isfile(os.path.join(path, n))
+               for n in (CONFIG_NAME, CONFIG_COPY_NAME, NAMES_NAME, NAMES_COPY_NAME))

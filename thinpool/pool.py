@@ -193,6 +193,12 @@ class Pool:
         copy in use (the damaged file moved aside first). A failure to rewrite is a note too:
         the copy in use is intact."""
         if not conf.problems and not conf.differs:
+            if conf.legacy and not self.read_only:    # one file, as older versions kept it
+                try:
+                    _write_json(self.path / CONFIG_NAME, conf.doc)
+                except OSError as e:
+                    self.notes.append(f"pool configuration: {CONFIG_COPY_NAME} could not be "
+                                      f"added ({e.strerror or e})")
             return
         what = "; ".join(map(str, conf.problems)) or f"{CONFIG_COPY_NAME} differs from {CONFIG_NAME}"
         if self.read_only:
@@ -474,8 +480,8 @@ class Pool:
             self._check_writable(allow_needs_check=True)
             self._meta.set_needs_check(False)
             self._ops.recovered()
-            if self.path is not None and damage.clear(self.path):
-                self.notes.append("the needs-check marker left by an earlier command was removed")
+            if self.path is not None:
+                damage.clear(self.path)
             self._marker = None
 
     def rename(self, old: str, new: str) -> Volume:

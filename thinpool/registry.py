@@ -132,7 +132,7 @@ class Registry:
         else:
             reg = cls(path, *_parse(got.doc))
             reg.source = got.source
-            reg.behind = got.differs
+            reg.behind = got.differs or got.legacy      # the next save writes both
         reg.problems = got.problems
         return reg
 

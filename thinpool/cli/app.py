@@ -205,10 +205,10 @@ def damage_message(name: str, path: Path, e: MetadataError, *, opened: bool,
         mpath = str(pool_files(path)[0])
     except ThinpoolError:
         mpath = "its metadata"
-    what = "does not open" if not opened else "has damaged metadata"
+    what = " does not open" if not opened else ""
     stop = ("; writes to it are stopped until 'thinpool check {0}' finds it clean" if marked or
             not opened else "").format(name)
-    return (f"pool {name!r} {what}: the metadata {mpath} is damaged ({e}){stop}; "
+    return (f"pool {name!r}{what}: its metadata {mpath} is damaged ({e}){stop}; "
             f"'thinpool check {name}' examines it and 'thinpool repair -i {name} -o FILE' "
             f"rebuilds what is readable")
 
