@@ -20,8 +20,8 @@ import warnings
 import pytest
 
 from thinpool import Pool, PoolMode
-from thinpool.errors import (AlreadyExists, BusyError, DeviceIOError, MetadataError,
-                             MetadataIOError, NoDataSpace, NoMetadataSpace, NotFound)
+from thinpool.errors import (AlreadyExists, BusyError, DeviceIOError, MetadataIOError,
+                             NoDataSpace, NoMetadataSpace, NotFound)
 from tests.crash.harness import Faults, Interrupt, settle
 from tests.test_concurrent_reads import read_in_the_window
 from tests.tptools import assert_checks_pass, requires_tools

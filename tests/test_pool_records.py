@@ -19,7 +19,7 @@ from tests.crash.harness import Recorder, crash_image, snapshot_files, write_fil
 from tests.tools.helpers import device_roots, flip_bit
 from tests.tptools import assert_checks_pass, requires_tools
 from thinpool import Pool
-from thinpool.errors import CorruptBlock, MetadataError, ReadOnlyError
+from thinpool.errors import AlreadyExists, CorruptBlock, MetadataError, ReadOnlyError
 from thinpool.metadata.thin_metadata import ThinMetadata
 
 BS = 64 * 1024
@@ -119,9 +119,9 @@ def test_every_names_copy_lost_is_loud_and_renaming_undoes_it(tmp_path):
 def test_rename_carries_snapshots_and_refuses_clashes(tmp_path):
     d = tmp_path / "p"
     _pool(d)
+    with Pool.open(d) as p, pytest.raises(AlreadyExists) as e:
+        p.rename("a", "b")
     with Pool.open(d) as p:
-        with pytest.raises(Exception) as e:
-            p.rename("a", "b")
         assert "exists already" in str(e.value)
         p.rename("a", "root")
         assert _names(p)["s"][2] == "root"
@@ -208,10 +208,9 @@ def test_a_crash_at_any_point_of_a_names_write_keeps_a_usable_copy(tmp_path):
     d = tmp_path / "p"
     _pool(d)
     initial = snapshot_files(d)
-    with Recorder(d) as rec:
-        with Pool.open(d) as p:
-            p.create_thin("new", MiB)
-            p.rename("b", "bee")
+    with Recorder(d) as rec, Pool.open(d) as p:
+        p.create_thin("new", MiB)
+        p.rename("b", "bee")
     replaces = [i for i, e in enumerate(rec.events) if e.kind == "replace"]
     assert len(replaces) >= 4
     allowed = [{"a", "s", "b"}, {"a", "s", "b", "new"}, {"a", "s", "bee", "new"}]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import records
 from .errors import InvalidArgument, NotFound, PoolDamaged
-from .paths import CONFIG_NAME, is_pool_dir
+from .paths import CONFIG_COPY_NAME, CONFIG_NAME, is_pool_dir
 
 
 @dataclass
@@ -85,3 +85,32 @@ def _rel(p: Path, base: Path) -> str:
 def _write_json(path: Path, doc: dict) -> None:
     """Write a record and its copy atomically (records.write)."""
     records.write(path, doc)
+
+
+def settle_config(path, conf: records.Read, write: bool) -> list[str]:
+    """After an open: notes on a damaged or missing copy of pool.json and, for a writer
+    (``write``), both copies rewritten from the one in use (a damaged file moved aside first;
+    a pool.json from an older version gets its copy). A failure to rewrite is a note: the copy
+    in use is intact."""
+    path = Path(path)
+    doc = {k: v for k, v in conf.doc.items() if k != "copies"}
+    if not conf.problems and not conf.differs:
+        if conf.legacy and write:
+            try:
+                _write_json(path / CONFIG_NAME, doc)
+            except OSError as e:
+                return [(f"pool configuration: {CONFIG_COPY_NAME} could not be added "
+                         f"({e.strerror or e})")]
+        return []
+    what = "; ".join(map(str, conf.problems)) or f"{CONFIG_COPY_NAME} differs from {CONFIG_NAME}"
+    if not write:
+        return [(f"pool configuration: {what}; read from {conf.source}; the next command that "
+                 f"writes to the pool rewrites it")]
+    try:
+        kept = records.preserve(conf.problems)
+        _write_json(path / CONFIG_NAME, doc)
+    except OSError as e:
+        return [(f"pool configuration: {what}; read from {conf.source}; rewriting it failed "
+                 f"({e.strerror or e})")]
+    return [f"pool configuration: {what}; rewrote both copies from {conf.source}"
+            + "".join(f"; {k}" for k in kept)]

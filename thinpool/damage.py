@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
 
+from .errors import PoolDamaged
 from .metadata import format as fmt
 from .paths import MARKER_NAME
+from .units import format_size
 
 
 @dataclass(frozen=True)
@@ -115,3 +118,28 @@ def committed_superblock(metadata_path) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def view_is_current(metadata_path, seen: fmt.Superblock) -> bool:
+    """True when the committed superblock on disk is still ``seen`` (the one a reader's view
+    was built from): no commit happened since, so every block the view reached is committed."""
+    raw = committed_superblock(metadata_path)
+    try:
+        return raw is not None and fmt.Superblock.unpack(raw) == seen
+    except (ValueError, TypeError, struct.error):
+        return False
+
+
+def short_data(dpath: str, size: int, block_device: bool, nr_blocks: int, block_size: int,
+               metadata_path: str, pool: str) -> PoolDamaged:
+    """The error for a data device shorter than the metadata's ``nr_blocks``: which file, its
+    size, the size needed and what to do (it is not metadata damage)."""
+    need = nr_blocks * block_size
+    grow = "a larger device" if block_device else f"'truncate -s {need} {dpath}'"
+    return PoolDamaged(
+        f"data device {dpath} is {format_size(size)} ({size} bytes) but the metadata "
+        f"{metadata_path} describes {nr_blocks} blocks of {format_size(block_size)}, which need "
+        f"{format_size(need)} ({need} bytes): the data device was cut short or replaced (this is "
+        f"not metadata damage). If it was cut short, grow it back to {need} bytes ({grow}); what "
+        f"was cut off reads as zeros, so restore that part from a backup if you have one. Then "
+        f"run 'thinpool check {pool}'", dpath)

@@ -15,6 +15,10 @@ the outer one judges an exception:
   pool is failed (:attr:`failed`). Out of metadata space keeps its own message (grow, then check).
   A half-done change is never committed: the abort threw it away.
 
+* **Read-only pools** have nothing to protect; damaged metadata one of their operations runs
+  into is passed to ``on_damage`` (the pool marks itself for a check, see damage.py) and goes up
+  as it is.
+
 :attr:`degraded` and :attr:`failed` say why, for ``stat``. :meth:`wait` releases the mutex while
 a writer waits for data space, as an operation that has changed nothing yet: the others run
 meanwhile as outer operations of their own, and the waiter's operation starts afresh.

@@ -6,6 +6,8 @@ A pool lives in a directory::
     <path>/metadata      dm-thin pool metadata (sparse file), unless --metadata named another
     <path>/data          the data device (sparse file), unless --data named another
     <path>/names.json    the names registry (see registry.py)
+    <path>/pool.copy.json, names.copy.json   second copies of the two records (records.py)
+    <path>/needs-check.json   left by a reader that found damaged metadata (damage.py)
 
 Guarantees:
 
@@ -39,6 +41,13 @@ Guarantees:
   before a snapshot), and the change is made and committed on its own, so a failure of the change
   itself rolls back to exactly the state before it. Device ids are chosen under the pool's mutex
   and only ever increase (a counter in the names registry), as LVM and Docker do.
+* **Damage is never forgotten.** Damaged metadata found by any operation, or reported with
+  :meth:`report_damage` by a tool that read the pool's metadata, marks the pool for a check: a
+  writer sets NEEDS_CHECK, a reader (once the committed superblock shows its view is current)
+  leaves the needs-check marker, which every writer's open turns into NEEDS_CHECK. Only
+  :meth:`clear_needs_check` (after a clean check) removes both. A data device shorter than the
+  metadata says is :class:`~thinpool.errors.PoolDamaged` naming it, not metadata damage; a lost
+  or damaged copy of pool.json or of the names is a note, mended by the next writer's open.
 * **Handles.** A :class:`Volume` names its device by id and creation epoch (the transaction that
   made it): once that device is deleted, every call on the handle raises NotFound, even when a
   later device got the same id.
@@ -53,7 +62,6 @@ from __future__ import annotations
 
 import enum
 import os
-import struct
 import subprocess
 import time
 import warnings
@@ -65,9 +73,9 @@ import numpy as np
 
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
-from . import damage, records
+from . import damage
 from .errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument, MetadataError,
-                     NoDataSpace, NoMetadataSpace, NotFound, PoolDamaged, ReadOnlyError,
+                     NoDataSpace, NoMetadataSpace, NotFound, ReadOnlyError,
                      ThinpoolError)
 from .guard import OperationGuard
 from .metadata import format as fmt
@@ -75,12 +83,12 @@ from .metadata.thin_metadata import ThinMetadata
 from .registry import Entry, Registry, check_name
 from .volume import Volume
 
-from .config import PoolOptions, _read_config, _write_json, pool_files, read_config  # noqa: F401
+from .config import (PoolOptions, _read_config, _write_json, pool_files,  # noqa: F401
+                     read_config, settle_config)
 from .creation import (DEFAULT_BLOCK_SIZE, _int_arg, check_block_size,  # noqa: F401 (API)
                        check_metadata_size, default_metadata_size, make_pool_files)
 from .locking import MetadataLock as _Lock
-from .paths import CONFIG_COPY_NAME, CONFIG_NAME, NAMES_NAME
-from .units import format_size
+from .paths import CONFIG_NAME, NAMES_NAME
 
 
 
@@ -185,35 +193,8 @@ class Pool:
         self.options = PoolOptions.from_dict(conf.doc.get("options"))
         self._open(str(path / conf.doc["metadata"]), str(path / conf.doc["data"]),
                    str(path / NAMES_NAME), read_only)
-        self._settle_config(conf)
+        self.notes += settle_config(path, conf, write=not read_only)
         return self
-
-    def _settle_config(self, conf) -> None:
-        """A damaged or missing copy of pool.json: a note, and a writer rewrites it from the
-        copy in use (the damaged file moved aside first). A failure to rewrite is a note too:
-        the copy in use is intact."""
-        if not conf.problems and not conf.differs:
-            if conf.legacy and not self.read_only:    # one file, as older versions kept it
-                try:
-                    _write_json(self.path / CONFIG_NAME, conf.doc)
-                except OSError as e:
-                    self.notes.append(f"pool configuration: {CONFIG_COPY_NAME} could not be "
-                                      f"added ({e.strerror or e})")
-            return
-        what = "; ".join(map(str, conf.problems)) or f"{CONFIG_COPY_NAME} differs from {CONFIG_NAME}"
-        if self.read_only:
-            self.notes.append(f"pool configuration: {what}; read from {conf.source}; the next "
-                              f"command that writes to the pool rewrites it")
-            return
-        try:
-            kept = records.preserve(conf.problems)
-            _write_json(self.path / CONFIG_NAME, {k: v for k, v in conf.doc.items() if k != "copies"})
-        except OSError as e:
-            self.notes.append(f"pool configuration: {what}; read from {conf.source}; rewriting "
-                              f"it failed ({e.strerror or e})")
-            return
-        self.notes.append(f"pool configuration: {what}; rewrote both copies from {conf.source}"
-                          + "".join(f"; {k}" for k in kept))
 
     def configure(self, **changes) -> PoolOptions:
         """Change and save pool options (see :class:`PoolOptions`)."""
@@ -257,7 +238,9 @@ class Pool:
             if dpath is not None:
                 self._data = DataDevice.open(dpath, bs, read_only=read_only)
                 if self._data.nr_blocks < self._meta.nr_data_blocks:
-                    raise self._short_data(dpath)
+                    raise damage.short_data(dpath, self._data.size, self._data.is_block_device,
+                                            self._meta.nr_data_blocks, self.block_size,
+                                            self._meta.bm.path, self.name)
             self._alloc = DataAllocator(self._meta)
             self._registry = Registry.load(names)
             if read_only and self._registry.pending is not None:
@@ -272,20 +255,6 @@ class Pool:
         except BaseException:
             self._close_parts()
             raise
-
-    def _short_data(self, dpath: str) -> PoolDamaged:
-        need = self._meta.nr_data_blocks * self.block_size
-        size = self._data.size
-        grow = (f"'truncate -s {need} {dpath}'" if not self._data.is_block_device
-                else "a larger device")
-        return PoolDamaged(
-            f"data device {dpath} is {format_size(size)} ({size} bytes) but the metadata "
-            f"{self._meta.bm.path} describes {self._meta.nr_data_blocks} blocks of "
-            f"{format_size(self.block_size)}, which need {format_size(need)} ({need} bytes): the "
-            f"data device was cut short or replaced (this is not metadata damage). If it was cut "
-            f"short, grow it back to {need} bytes ({grow}); what was cut off reads as zeros, so "
-            f"restore that part from a backup if you have one. Then run 'thinpool check "
-            f"{self.name}'", dpath)
 
     def _open_metadata(self, mpath: str, read_only: bool) -> ThinMetadata:
         """Open the metadata; damage that a second attempt finds in the same committed
@@ -336,12 +305,7 @@ class Pool:
                 if not meta.needs_check:
                     self._degrade(reason)
                 return True
-            raw = damage.committed_superblock(meta.bm.path)
-            try:
-                now = fmt.Superblock.unpack(raw) if raw is not None else None
-            except (ValueError, TypeError, struct.error):
-                now = None
-            if now != meta.sb:
+            if not damage.view_is_current(meta.bm.path, meta.sb):
                 return False
             if not self._leave_marker(reason, meta.trans_id):
                 return False

@@ -118,7 +118,8 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
       thinpool check /dev/vg/pool_tmeta --json
     """
     from thinpool.errors import MetadataError, PoolDamaged
-    from thinpool.tools.check import CheckReport, check as run_check
+    from thinpool.tools.check import CheckReport
+    from thinpool.tools.check import check as run_check
     try:
         with source(session, target) as src:
             with output.count_progress(_device_count(src.path), "checking", "devices") as bar:
