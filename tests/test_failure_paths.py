@@ -20,8 +20,8 @@ import warnings
 import pytest
 
 from thinpool import Pool, PoolMode
-from thinpool.errors import (AlreadyExists, BusyError, DeviceIOError, MetadataError,
-                             MetadataIOError, NoDataSpace, NoMetadataSpace, NotFound)
+from thinpool.errors import (AlreadyExists, BusyError, DeviceIOError, MetadataIOError,
+                             NoDataSpace, NoMetadataSpace, NotFound)
 from tests.crash.harness import Faults, Interrupt, settle
 from tests.test_concurrent_reads import read_in_the_window
 from tests.tptools import assert_checks_pass, requires_tools
@@ -519,14 +519,30 @@ def test_busy_in_the_same_process_names_the_holder(tmp_path):
 @pytest.mark.parametrize("pending", [{"op": "create"}, {"op": "create", "name": "x", "dev_id": 1},
                                      "garbage", {"op": "explode", "name": "x", "dev_id": 1,
                                                  "size": 1, "transaction_id": 1}])
-def test_a_malformed_pending_record_is_a_typed_error(tmp_path, pending):
+def test_a_malformed_pending_record_damages_only_its_copy(tmp_path, pending):
+    """A malformed pending record makes its copy of the names damaged (never a raw KeyError):
+    the other copy is used, with a note naming the damaged file, and the writer's open moves
+    the damaged file aside and rewrites it. In both copies: the names are lost, loudly."""
     d = tmp_path / "p"
-    Pool.create(d, data_size=16 * BS).close()
-    names = d / "names.json"
-    doc = json.loads(names.read_text())
-    doc["pending"] = pending
-    names.write_text(json.dumps(doc))
-    with pytest.raises(MetadataError) as e:
-        Pool.open(d)
-    assert "pending" in str(e.value) and "names.json" in str(e.value)
+    with Pool.create(d, data_size=16 * BS) as p:
+        p.create_thin("keep", BS)
+    for damaged in (["names.json"], ["names.json", "names.copy.json"]):
+        for f in damaged:
+            doc = json.loads((d / f).read_text())
+            doc["pending"] = pending
+            (d / f).write_text(json.dumps(doc))
+        with Pool.open(d) as p:
+            note = " ".join(p.notes)
+            assert "pending" in note and "names.json is damaged" in note, p.notes
+            assert (d / "names.json.damaged").exists()
+            if len(damaged) == 1:
+                assert p.volumes() == ["keep"] and not p.guessed_names()
+            else:
+                assert "every copy of the names is gone" in note
+                assert p.volumes() == p.guessed_names() == ["1"]
+        with Pool.open(d) as p:
+            assert not p.notes
+        for f in d.glob("*.damaged"):
+            f.unlink()
+        assert_checks_pass(d / "metadata")
     shutil.rmtree(d)

@@ -1,16 +1,18 @@
 """A pool directory's configuration file (pool.json): where the data and metadata live and the
-pool's behaviour options. Written atomically (temp file, fsync, rename).
+pool's behaviour options. Kept in two copies, pool.json and pool.copy.json, each written
+atomically (temp file, fsync, rename; see records.py): one damaged or lost file loses nothing (the
+other is used and the damaged one rewritten by the next writer's open). When no copy is intact,
+opening the pool raises PoolDamaged naming the files and what to write back.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import InvalidArgument, MetadataError, NotFound
-from .paths import CONFIG_NAME
+from . import records
+from .errors import InvalidArgument, NotFound, PoolDamaged
+from .paths import CONFIG_COPY_NAME, CONFIG_NAME, is_pool_dir
 
 
 @dataclass
@@ -37,27 +39,40 @@ class PoolOptions:
         return self
 
 
+def _check_config(cfg: dict) -> None:
+    for key in ("data", "metadata"):
+        if not isinstance(cfg[key], str) or not cfg[key]:
+            raise ValueError(f"its {key!r} entry is not a path")
+    if not isinstance(cfg.get("options", {}), dict):
+        raise ValueError("its 'options' entry is not an object")
+
+
+def read_config(path) -> records.Read:
+    """Both copies of the pool's configuration (see records.py): NotFound when neither file is
+    there, PoolDamaged when no copy is intact."""
+    path = Path(path)
+    got = records.read(path / CONFIG_NAME, _check_config)
+    if got.doc is None:
+        if all(p.what == "missing" for p in got.problems) and not is_pool_dir(path):
+            raise NotFound(f"no pool at {path}")
+        raise PoolDamaged(
+            f"the pool configuration is lost: {'; '.join(map(str, got.problems))}. It says where "
+            f"the data and metadata are; if they are the files 'data' and 'metadata' in {path}, "
+            f"write {{\"data\": \"data\", \"metadata\": \"metadata\"}} into {path / CONFIG_NAME} "
+            f"(see the README, 'Damaged pool records'), then run 'thinpool check {path.name}'",
+            str(path / CONFIG_NAME))
+    return got
+
+
 def _read_config(path: Path) -> dict:
-    cfg_path = Path(path) / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise NotFound(f"no pool at {path}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-        return cfg
-    except (ValueError, OSError) as e:
-        raise MetadataError(f"pool configuration {cfg_path} is unreadable: {e}") from None
+    return read_config(path).doc
 
 
 def pool_files(path) -> tuple[Path, Path]:
     """(metadata path, data path) of the pool in directory ``path``, from its pool.json."""
     path = Path(path)
     cfg = _read_config(path)
-    try:
-        return path / cfg["metadata"], path / cfg["data"]
-    except (KeyError, TypeError) as e:
-        raise MetadataError(f"pool configuration {path / CONFIG_NAME} is unreadable: {e}") from None
+    return path / cfg["metadata"], path / cfg["data"]
 
 
 def _rel(p: Path, base: Path) -> str:
@@ -68,10 +83,34 @@ def _rel(p: Path, base: Path) -> str:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a record and its copy atomically (records.write)."""
+    records.write(path, doc)
+
+
+def settle_config(path, conf: records.Read, write: bool) -> list[str]:
+    """After an open: notes on a damaged or missing copy of pool.json and, for a writer
+    (``write``), both copies rewritten from the one in use (a damaged file moved aside first;
+    a pool.json from an older version gets its copy). A failure to rewrite is a note: the copy
+    in use is intact."""
+    path = Path(path)
+    doc = {k: v for k, v in conf.doc.items() if k != "copies"}
+    if not conf.problems and not conf.differs:
+        if conf.legacy and write:
+            try:
+                _write_json(path / CONFIG_NAME, doc)
+            except OSError as e:
+                return [(f"pool configuration: {CONFIG_COPY_NAME} could not be added "
+                         f"({e.strerror or e})")]
+        return []
+    what = "; ".join(map(str, conf.problems)) or f"{CONFIG_COPY_NAME} differs from {CONFIG_NAME}"
+    if not write:
+        return [(f"pool configuration: {what}; read from {conf.source}; the next command that "
+                 f"writes to the pool rewrites it")]
+    try:
+        kept = records.preserve(conf.problems)
+        _write_json(path / CONFIG_NAME, doc)
+    except OSError as e:
+        return [(f"pool configuration: {what}; read from {conf.source}; rewriting it failed "
+                 f"({e.strerror or e})")]
+    return [f"pool configuration: {what}; rewrote both copies from {conf.source}"
+            + "".join(f"; {k}" for k in kept)]

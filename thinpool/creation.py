@@ -1,4 +1,5 @@
-"""Creating a pool's files: the data device, the metadata, pool.json and the names registry.
+"""Creating a pool's files: the data device, the metadata, pool.json and the names registry
+(each of the last two in two copies, see records.py).
 
 :func:`make_pool_files` validates every argument before it touches the disk and, if any step
 fails (or is interrupted), removes whatever it had made, so there is never a half-made pool. It
@@ -19,7 +20,7 @@ from .errors import AlreadyExists, InvalidArgument, MetadataError
 from .metadata import format as fmt
 from .metadata.block import SUPERBLOCK_VALIDATOR, create_metadata_file
 from .metadata.thin_metadata import ThinMetadata, check_data_block_size
-from .paths import CONFIG_NAME, NAMES_NAME
+from .paths import CONFIG_COPY_NAME, CONFIG_NAME, NAMES_COPY_NAME, NAMES_NAME
 from .registry import Registry
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
@@ -117,10 +118,10 @@ def make_pool_files(path, data_size: int | None, block_size: int, metadata_size:
         ThinMetadata.format(mpath, block_size // fmt.SECTOR_SIZE, nr_data_blocks).close()
         config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path),
                   "options": asdict(opts)}
+        made += [path / CONFIG_NAME, path / CONFIG_COPY_NAME]
         _write_json(path / CONFIG_NAME, config)
-        made.append(path / CONFIG_NAME)
+        made += [path / NAMES_NAME, path / NAMES_COPY_NAME]
         Registry(str(path / NAMES_NAME)).save()
-        made.append(path / NAMES_NAME)
     except BaseException:
         for p in reversed(made):
             try:

@@ -99,6 +99,18 @@ class MetadataError(ThinpoolError):
     exit_code = 3
 
 
+class PoolDamaged(ThinpoolError):
+    """One of a pool's own files other than its metadata is damaged or missing: its data device
+    is shorter than the metadata says, or no copy of its configuration is readable. The message
+    names the file and what to do; ``path`` is the file."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
 class CorruptBlock(MetadataError):
     """A metadata block failed validation: which block, which kind, which check."""
 

@@ -15,6 +15,10 @@ the outer one judges an exception:
   pool is failed (:attr:`failed`). Out of metadata space keeps its own message (grow, then check).
   A half-done change is never committed: the abort threw it away.
 
+* **Read-only pools** have nothing to protect; damaged metadata one of their operations runs
+  into is passed to ``on_damage`` (the pool marks itself for a check, see damage.py) and goes up
+  as it is.
+
 :attr:`degraded` and :attr:`failed` say why, for ``stat``. :meth:`wait` releases the mutex while
 a writer waits for data space, as an operation that has changed nothing yet: the others run
 meanwhile as outer operations of their own, and the waiter's operation starts afresh.
@@ -33,11 +37,15 @@ from .errors import IncompatibleMetadata, MetadataError, MetadataIOError, NoMeta
 
 
 class OperationGuard:
-    def __init__(self, metadata: Callable[[], object | None], name: Callable[[], str]):
+    def __init__(self, metadata: Callable[[], object | None], name: Callable[[], str],
+                 on_damage: Callable[[BaseException], object] | None = None):
         """``metadata()`` is the pool's open, writable metadata (None when it is closed or open
-        read-only: then there is nothing to protect); ``name()`` the pool's name for messages."""
+        read-only: then there is nothing to protect); ``name()`` the pool's name for messages;
+        ``on_damage(e)`` is told of damaged metadata an operation of a read-only pool ran into
+        (it marks the pool for a check, see damage.py)."""
         self._metadata = metadata
         self._name = name
+        self._on_damage = on_damage
         self.mutex = threading.RLock()
         self.space = threading.Condition(self.mutex)     # notified when data space may be free
         self._depth = 0                    # nesting, for the thread holding the mutex
@@ -73,7 +81,13 @@ class OperationGuard:
         """Degrade the pool if ``e`` left anything half done or reports damage; returns the
         exception to raise instead, if any."""
         meta = self._metadata()
-        if meta is None or self._mark is None or isinstance(e, IncompatibleMetadata):
+        if isinstance(e, IncompatibleMetadata):
+            return None
+        if meta is None:
+            if isinstance(e, MetadataError) and self._on_damage is not None:
+                self._on_damage(e)          # a reader: nothing to protect, but remember it
+            return None
+        if self._mark is None:
             return None
         damage = isinstance(e, (MetadataError, MetadataIOError))
         if meta.intact_since(self._mark) and not damage:

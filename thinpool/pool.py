@@ -6,6 +6,8 @@ A pool lives in a directory::
     <path>/metadata      dm-thin pool metadata (sparse file), unless --metadata named another
     <path>/data          the data device (sparse file), unless --data named another
     <path>/names.json    the names registry (see registry.py)
+    <path>/pool.copy.json, names.copy.json   second copies of the two records (records.py)
+    <path>/needs-check.json   left by a reader that found damaged metadata (damage.py)
 
 Guarantees:
 
@@ -42,6 +44,13 @@ Guarantees:
   before a snapshot), and the change is made and committed on its own, so a failure of the change
   itself rolls back to exactly the state before it. Device ids are chosen under the pool's mutex
   and only ever increase (a counter in the names registry), as LVM and Docker do.
+* **Damage is never forgotten.** Damaged metadata found by any operation, or reported with
+  :meth:`report_damage` by a tool that read the pool's metadata, marks the pool for a check: a
+  writer sets NEEDS_CHECK, a reader (once the committed superblock shows its view is current)
+  leaves the needs-check marker, which every writer's open turns into NEEDS_CHECK. Only
+  :meth:`clear_needs_check` (after a clean check) removes both. A data device shorter than the
+  metadata says is :class:`~thinpool.errors.PoolDamaged` naming it, not metadata damage; a lost
+  or damaged copy of pool.json or of the names is a note, mended by the next writer's open.
 * **Handles.** A :class:`Volume` names its device by id and creation epoch (the transaction that
   made it): once that device is deleted, every call on the handle raises NotFound, even when a
   later device got the same id.
@@ -68,15 +77,18 @@ import numpy as np
 
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
-from .errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NoDataSpace,
-                     NoMetadataSpace, NotFound, ReadOnlyError, ThinpoolError)
+from . import damage
+from .errors import (AlreadyExists, BusyError, IncompatibleMetadata, InvalidArgument,
+                     MetadataError, NoDataSpace, NoMetadataSpace, NotFound, ReadOnlyError,
+                     ThinpoolError)
 from .guard import OperationGuard
 from .metadata import format as fmt
 from .metadata.thin_metadata import ThinMetadata
 from .registry import Entry, Registry, check_name
 from .volume import Volume
 
-from .config import PoolOptions, _read_config, _write_json, pool_files
+from .config import (PoolOptions, _read_config, _write_json, pool_files,  # noqa: F401
+                     read_config, settle_config)
 from .creation import (DEFAULT_BLOCK_SIZE, _int_arg, check_block_size,  # noqa: F401 (API)
                        check_metadata_size, default_metadata_size, make_pool_files)
 from .locking import (READERS_LOCK_NAME, MetadataLock as _Lock, ReadersLock, process_command,
@@ -108,6 +120,8 @@ class VolumeStat:
     origin: str | None
     creation_time: int
     snapshotted_time: int
+    #: The name and size were made up because every copy of the names was lost.
+    guessed: bool = False
 
 
 @dataclass
@@ -161,11 +175,12 @@ class Pool:
         self.read_only = True
         # One operation at a time, and the rule for exceptions inside one (guard.py).
         self._ops = OperationGuard(lambda: None if self.read_only else self._meta,
-                                   lambda: self.name)
+                                   lambda: self.name, on_damage=self.report_damage)
         self._mutex = self._ops.mutex            # waits for space release it
         self._space = self._ops.space
         self._low_water_fired = False
         self._unpunched: list[np.ndarray] = []   # freed blocks a failed punch left behind
+        self._marker: damage.Marker | None = None  # a reader found damage (damage.py)
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -185,13 +200,14 @@ class Pool:
         """Open the pool in directory ``path``. For writing, ``wait`` is how long to wait for
         another writer to close it (seconds; None: as long as it takes) before BusyError."""
         path = Path(path)
-        mpath, dpath = pool_files(path)
+        conf = read_config(path)
         self = cls()
         self.path = path
         self.name = path.name
-        self.options = PoolOptions.from_dict(_read_config(path).get("options"))
-        self._open(str(mpath), str(dpath), str(path / NAMES_NAME), read_only, wait,
-                   str(path / READERS_LOCK_NAME))
+        self.options = PoolOptions.from_dict(conf.doc.get("options"))
+        self._open(str(path / conf.doc["metadata"]), str(path / conf.doc["data"]),
+                   str(path / NAMES_NAME), read_only, wait, str(path / READERS_LOCK_NAME))
+        self.notes += settle_config(path, conf, write=not read_only)
         return self
 
     def configure(self, **changes) -> PoolOptions:
@@ -203,7 +219,7 @@ class Pool:
             opts = PoolOptions(**{**asdict(self.options), **changes}).check()
         except TypeError as e:
             raise InvalidArgument(str(e)) from None
-        cfg = _read_config(self.path)
+        cfg = {k: v for k, v in _read_config(self.path).items() if k != "copies"}
         cfg["options"] = asdict(opts)
         _write_json(self.path / CONFIG_NAME, cfg)
         with self._space:
@@ -231,7 +247,7 @@ class Pool:
         self.read_only = read_only
         try:
             self._take_locks(mpath, read_only, wait, readers)
-            self._meta = ThinMetadata.open(mpath, read_only=read_only)
+            self._meta = self._open_metadata(mpath, read_only)
             if self._readers is not None and not read_only:
                 self._meta.commit_gate = self._commit_window
             elif self._readers is not None:
@@ -245,9 +261,9 @@ class Pool:
             if dpath is not None:
                 self._data = DataDevice.open(dpath, bs, read_only=read_only)
                 if self._data.nr_blocks < self._meta.nr_data_blocks:
-                    raise MetadataError(
-                        f"data device {dpath} has {self._data.nr_blocks} blocks but the metadata "
-                        f"describes {self._meta.nr_data_blocks}")
+                    raise damage.short_data(dpath, self._data.size, self._data.is_block_device,
+                                            self._meta.nr_data_blocks, self.block_size,
+                                            self._meta.bm.path, self.name)
             self._alloc = DataAllocator(self._meta)
             self._registry = Registry.load(names)
             if read_only and self._registry.pending is not None:
@@ -258,6 +274,7 @@ class Pool:
             self.notes += reg.reconcile(self._meta.trans_id, self._meta.device_ids(), self._size_guess)
             if read_only:
                 reg.path = names
+            self._honour_marker()
         except BaseException:
             self._close_parts()
             raise
@@ -285,6 +302,62 @@ class Pool:
     def _commit_window(self, wait: bool = True):
         """Held around a commit: no reader of the last commit is left (locking.py)."""
         return self._readers.exclusive(wait=wait, on_wait=self.reader_wait_hook)
+
+    def _open_metadata(self, mpath: str, read_only: bool) -> ThinMetadata:
+        """Open the metadata; damage that a second attempt finds in the same committed
+        superblock marks the pool for a check (damage.py)."""
+        try:
+            return ThinMetadata.open(mpath, read_only=read_only)
+        except MetadataError as e:
+            if isinstance(e, IncompatibleMetadata) or self.path is None:
+                raise
+            first = damage.committed_superblock(mpath)
+            try:
+                return ThinMetadata.open(mpath, read_only=read_only)   # a commit raced with us?
+            except MetadataError as again:
+                if first is not None and damage.committed_superblock(mpath) == first:
+                    self._leave_marker(f"the metadata {mpath} does not open: {again}", None)
+                raise again from None
+
+    def _leave_marker(self, reason: str, transaction_id: int | None) -> bool:
+        try:
+            damage.mark(self.path, reason, transaction_id)
+        except OSError as err:
+            self.notes.append(f"the damage could not be recorded in "
+                              f"{damage.marker_path(self.path)} ({err.strerror or err})")
+            return False
+        return True
+
+    def _honour_marker(self) -> None:
+        """A reader left the needs-check marker: a writer sets NEEDS_CHECK (the pool is
+        read-only until a check); a reader reports the pool as needing a check."""
+        self._marker = None if self.path is None else damage.read(self.path)
+        if self._marker is not None and not self.read_only and not self._meta.needs_check:
+            self._degrade(f"an earlier command found damaged metadata ({self._marker})")
+
+    def report_damage(self, error: BaseException) -> bool:
+        """Damage found while reading this pool (by one of its operations or by a tool that
+        read its metadata file). If it is in the committed metadata, the pool is marked for a
+        check: a writer degrades (NEEDS_CHECK), a reader leaves the needs-check marker, which the
+        next writer's open turns into NEEDS_CHECK. A reader whose view is older than the
+        committed superblock (a writer committed meanwhile) marks nothing: what it saw may have
+        been a block reused since. Returns whether the pool was marked."""
+        with self._mutex:
+            meta = self._meta
+            if (meta is None or self.path is None or not isinstance(error, MetadataError)
+                    or isinstance(error, IncompatibleMetadata)):
+                return False
+            reason = f"damaged metadata in {meta.bm.path}: {error}"
+            if not self.read_only:
+                if not meta.needs_check:
+                    self._degrade(reason)
+                return True
+            if not damage.view_is_current(meta.bm.path, meta.sb):
+                return False
+            if not self._leave_marker(reason, meta.trans_id):
+                return False
+            self._marker = damage.read(self.path)
+            return True
 
     def _size_guess(self, dev_id: int) -> int:
         """A size for a device nobody named: up to its highest mapped block."""
@@ -395,7 +468,7 @@ class Pool:
         self._check_open()
         if self._failed:
             return PoolMode.FAIL
-        if self._meta.needs_check:
+        if self._meta.needs_check or self._marker is not None:
             return PoolMode.READ_ONLY
         if self._alloc.available() == 0:
             return PoolMode.OUT_OF_DATA_SPACE
@@ -420,6 +493,28 @@ class Pool:
             self._check_writable(allow_needs_check=True)
             self._meta.set_needs_check(False)
             self._ops.recovered()
+            if self.path is not None:
+                damage.clear(self.path)
+            self._marker = None
+
+    def rename(self, old: str, new: str) -> Volume:
+        """Give volume ``old`` the name ``new`` (the names registry only: the device, its id and
+        its data stay). Snapshots of it follow the new name. Written at once, atomically."""
+        check_name(new)
+        with self._guard():
+            self._check_writable()
+            self._entry(old)
+            self._check_new_name(new)
+            self._registry.rename(old, new)
+            self._volumes.pop(old, None)
+            return self.volume(new)
+
+    def guessed_names(self) -> list[str]:
+        """Volumes whose names were made up because every copy of the names was lost: their
+        id as name, a size up to the last mapped block, no origin (see registry.py)."""
+        with self._mutex:
+            self._check_open()
+            return self._registry.guessed()
 
     def volumes(self) -> list[str]:
         with self._mutex:
@@ -754,7 +849,7 @@ class Pool:
             mapped = d.mapped_blocks if d else 0
             vols.append(VolumeStat(name, e.dev_id, e.size, mapped, mapped * self.block_size,
                                    e.origin, d.creation_time if d else 0,
-                                   d.snapshotted_time if d else 0))
+                                   d.snapshotted_time if d else 0, e.guessed))
         used = meta.data_sm.nr_allocated()
         mused = meta.metadata_sm.nr_allocated()
         return PoolStat(
@@ -766,12 +861,14 @@ class Pool:
             metadata_blocks_total=meta.metadata_sm.nr_blocks, metadata_blocks_used=mused,
             metadata_blocks_free=meta.metadata_sm.nr_blocks - mused,
             transaction_id=meta.trans_id, time=meta.time, mode=self._mode().label,
-            needs_check=meta.needs_check, volumes=vols,
+            needs_check=meta.needs_check or self._marker is not None, volumes=vols,
             error_if_no_space=self.options.error_if_no_space,
             no_space_timeout=self.options.no_space_timeout,
             low_water_blocks=self.options.low_water_blocks,
             degraded=self._ops.failed or self._ops.degraded or (
-                "NEEDS_CHECK is set in the metadata" if meta.needs_check else None))
+                "NEEDS_CHECK is set in the metadata" if meta.needs_check else None) or (
+                None if self._marker is None else
+                f"an earlier command found damaged metadata ({self._marker})"))
 
     @property
     def metadata(self) -> ThinMetadata:

@@ -1,9 +1,13 @@
 """The names registry: volume names and sizes beside the pool metadata.
 
 dm-thin knows only 24-bit device ids; names and virtual sizes are the manager's business (as they
-were for Docker's devicemapper driver). The registry is one small JSON file, replaced atomically
-(temp file, fsync, rename, fsync of the directory), so a reader sees the old or the new file,
-never a mix.
+were for Docker's devicemapper driver). The registry is a small JSON document kept in two files,
+``names.json`` and ``names.copy.json`` (records.py), each replaced atomically (temp file, fsync,
+rename, fsync of the directory), so a reader sees the old or the new file, never a mix, and losing
+or damaging one file loses no name, size or origin: the other is used (with a note) and the damaged
+one is moved aside and rewritten by the next writer's open. Only when both are gone are the
+devices named by their ids (entries marked ``guessed``, which ``stat`` warns about until they are
+renamed).
 
 A change to the set of devices is a two-phase operation tied to the pool's transaction id:
 
@@ -18,8 +22,8 @@ memory only (``finish(durable=False)``) and the file catches up with the next ``
 next open's reconcile. That saves two of a snapshot's five fsyncs. Only the holder of the pool's
 exclusive lock reads the file in between, and it has the names in memory.
 
-A pending record that is not one :meth:`Registry.begin` writes makes :meth:`Registry.load` raise
-:class:`~thinpool.errors.MetadataError` (never a raw ``KeyError``). Entries carry the ``epoch`` of
+A pending record that is not one :meth:`Registry.begin` writes makes that copy damaged (never a
+raw ``KeyError``). Entries carry the ``epoch`` of
 their device (the transaction id that created it), which handles compare to tell a deleted
 device from a later one with the same id.
 
@@ -33,12 +37,11 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgument, MetadataError, NoSpace, ThinpoolError
+from . import records
+from .errors import InvalidArgument, NoSpace, ThinpoolError
 
 _NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+@:-]{0,127}$")
 
@@ -60,22 +63,38 @@ class Entry:
     #: The transaction id that created the device: with ``dev_id`` its identity, so a handle to
     #: a deleted device is never mistaken for a later device that got the same id.
     epoch: int = 0
+    #: The name and size were made up when every copy of the names was lost (see reconcile).
+    guessed: bool = False
 
 
 _OPS = ("create", "snapshot", "delete", "resize")
 
 
-def _check_pending(p, path) -> dict | None:
-    """A pending record as written by :meth:`Registry.begin`, or MetadataError."""
+def _check_pending(p) -> dict | None:
+    """A pending record as written by :meth:`Registry.begin`, or ValueError."""
     if p is None:
         return None
     ok = (isinstance(p, dict) and p.get("op") in _OPS and isinstance(p.get("name"), str)
           and all(type(p.get(k)) is int and p[k] >= 0 for k in ("dev_id", "size", "transaction_id"))
           and (p.get("origin") is None or isinstance(p.get("origin"), str)))
     if not ok:
-        raise MetadataError(f"names registry {path} is unreadable: its pending operation record "
-                            f"is malformed ({json.dumps(p)[:200]})")
+        raise ValueError(f"its pending operation record is malformed ({json.dumps(p)[:200]})")
     return p
+
+
+def _parse(raw: dict) -> tuple:
+    """(transaction_id, volumes, pending, next_id) of a names document; ValueError, KeyError,
+    TypeError or AttributeError when it is not one."""
+    vols = {}
+    for n, e in raw.get("volumes", {}).items():
+        try:
+            check_name(n)
+        except InvalidArgument as err:
+            raise ValueError(str(err)) from None
+        vols[n] = Entry(int(e["dev_id"]), int(e["size"]), e.get("origin"), int(e.get("epoch", 0)),
+                        bool(e.get("guessed", False)))
+    return (int(raw.get("transaction_id", 0)), vols, _check_pending(raw.get("pending")),
+            int(raw.get("next_id", 1)))
 
 
 @dataclass
@@ -88,28 +107,39 @@ class Registry:
     next_id: int = 1
     #: The file lags behind memory: an operation was finished without being written.
     stale: bool = field(default=False, compare=False, repr=False)
+    #: Copies found missing or damaged at load (records.Problem); the next save rewrites them.
+    problems: list = field(default_factory=list, compare=False, repr=False)
+    #: No copy was intact at load: every name, size and origin is gone.
+    lost: bool = field(default=False, compare=False, repr=False)
+    #: The file the names were read from, and whether the other copy differs from it.
+    source: str | None = field(default=None, compare=False, repr=False)
+    behind: bool = field(default=False, compare=False, repr=False)
+    #: What save did on the way (damaged copies moved aside), for the pool's notes.
+    notes: list = field(default_factory=list, compare=False, repr=False)
 
     # -- persistence -------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | None) -> "Registry":
-        if path is None or not os.path.exists(path):
+        """The names from the newest intact copy (see records.py). A damaged or missing copy is
+        kept in :attr:`problems`; when no copy is intact the names are :attr:`lost` and
+        :meth:`reconcile` names the devices by their ids (marked ``guessed``)."""
+        if path is None:
             return cls(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-            vols = {check_name(n): Entry(int(e["dev_id"]), int(e["size"]), e.get("origin"),
-                                         int(e.get("epoch", 0)))
-                    for n, e in raw.get("volumes", {}).items()}
-            pending = raw.get("pending")
-            trans = int(raw.get("transaction_id", 0))
-            next_id = int(raw.get("next_id", 1))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MetadataError(f"names registry {path} is unreadable: {e}") from None
-        return cls(path, trans, vols, _check_pending(pending, path), next_id)
+        got = records.read(path, _parse)
+        if got.doc is None:
+            reg = cls(path)
+            reg.lost = True
+        else:
+            reg = cls(path, *_parse(got.doc))
+            reg.source = got.source
+            reg.behind = got.differs or got.legacy      # the next save writes both
+        reg.problems = got.problems
+        return reg
 
     def save(self) -> None:
-        """Write the file atomically; an OS error is NoSpace (ENOSPC, EDQUOT) or ThinpoolError,
-        and the old file stays as it was."""
+        """Write both copies atomically; an OS error is NoSpace (ENOSPC, EDQUOT) or
+        ThinpoolError, and each file stays as it was or is complete. Damaged copies found at
+        load are first moved aside (records.preserve), never overwritten."""
         if self.path is None:
             return
         try:
@@ -119,32 +149,18 @@ class Registry:
             raise err(f"cannot write the names registry {self.path}: {e.strerror or e}") from e
 
     def _save(self) -> None:
-        doc = {"version": 1, "transaction_id": self.transaction_id,
-               "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin,
-                               "epoch": e.epoch}
-                           for n, e in sorted(self.volumes.items())},
-               "pending": self.pending, "next_id": self.next_id}
-        d = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".names.", dir=d)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        self.notes += records.preserve(self.problems)
+        self.problems = []
+        records.write(self.path, self._doc())
         self.stale = False
+        self.behind = False
+
+    def _doc(self) -> dict:
+        return {"version": 1, "transaction_id": self.transaction_id,
+                "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin,
+                                "epoch": e.epoch, **({"guessed": True} if e.guessed else {})}
+                            for n, e in sorted(self.volumes.items())},
+                "pending": self.pending, "next_id": self.next_id}
 
     def flush(self) -> None:
         """Write the names if an operation was finished in memory only."""
@@ -194,9 +210,20 @@ class Registry:
         self.transaction_id = p["transaction_id"]
 
     def reconcile(self, transaction_id: int, device_ids: list[int], size_of) -> list[str]:
-        """Bring the names in line with the metadata; returns what was done (for logs and stat)."""
+        """Bring the names in line with the metadata; returns what was done (for logs and stat).
+
+        A copy found missing or damaged at load is rewritten from the one in use (by a writer:
+        a reader reconciles with ``path`` None and writes nothing). When every copy was lost,
+        each device gets its id as its name and a size up to its last mapped block, marked
+        ``guessed`` (:meth:`guessed`) until it is renamed."""
         notes: list[str] = []
-        changed = False
+        changed = bool(self.problems) or self.behind
+        if self.problems and not self.lost:
+            notes.append(f"names: {'; '.join(map(str, self.problems))}; the names were read from "
+                         f"{self.source}" + ("; both files are rewritten from it now"
+                                             if self.path is not None else
+                                             "; the next command that writes to the pool "
+                                             "rewrites it"))
         if self.pending is not None:
             p = self.pending
             if transaction_id >= p["transaction_id"]:
@@ -215,14 +242,50 @@ class Registry:
         named = self.by_id()
         for dev in sorted(ids - set(named)):
             name = str(dev) if str(dev) not in self.volumes else f"dev-{dev}"
-            self.volumes[name] = Entry(dev, size_of(dev), epoch=transaction_id)
+            self.volumes[name] = Entry(dev, size_of(dev), epoch=transaction_id, guessed=True)
             changed = True
+        if self.lost and ids:
+            why = "; ".join(map(str, self.problems))
+            notes.append(f"names: every copy of the names is gone ({why}); the devices are "
+                         f"named by their ids, sized up to their last mapped block, with no "
+                         f"origins")
+        elif self.lost and self.problems:
+            notes.append(f"names: {'; '.join(map(str, self.problems))}; the pool has no devices, "
+                         f"so no name was lost")
         if self.transaction_id != transaction_id:
             self.transaction_id = transaction_id
             changed = True
         if ids and self.next_id <= max(ids):
             self.next_id = max(ids) + 1
             changed = True
+        self.lost = False
         if changed:
             self.save()
+            notes += self.notes
+            self.notes = []
         return notes
+
+    def guessed(self) -> list[str]:
+        """Names made up for devices whose names were lost (see :meth:`reconcile`)."""
+        return sorted((n for n, e in self.volumes.items() if e.guessed),
+                      key=lambda n: self.volumes[n].dev_id)
+
+    def rename(self, old: str, new: str) -> None:
+        """Give volume ``old`` the name ``new`` (clears ``guessed``); written at once. Call it
+        with no operation pending."""
+        e = self.volumes.pop(old)
+        was, e.guessed = e.guessed, False
+        self.volumes[new] = e
+        for other in self.volumes.values():
+            if other.origin == old:
+                other.origin = new
+        try:
+            self.save()
+        except BaseException:
+            self.volumes.pop(new, None)
+            self.volumes[old] = e
+            e.guessed = was
+            for other in self.volumes.values():
+                if other.origin == new:
+                    other.origin = old
+            raise

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Iterator
 import click
 
 from thinpool.errors import (AlreadyExists, BusyError, InvalidArgument, MetadataError, NotFound,
-                             ThinpoolError)
+                             PoolDamaged, ThinpoolError)
 from thinpool.locking import process_command
-from thinpool.paths import CONFIG_NAME          # the file that makes a directory a pool
+from thinpool.paths import is_pool_dir          # what makes a directory a pool
 from thinpool.units import format_size, parse_size
 
 from . import output
@@ -144,7 +144,7 @@ class Session:
         return self.home / check_pool_name(name)
 
     def pool_exists(self, name: str) -> bool:
-        return (self.pool_path(name) / CONFIG_NAME).is_file()
+        return is_pool_dir(self.pool_path(name))
 
     def pool_names(self) -> list[str]:
         """Every pool in the home directory, sorted by name."""
@@ -152,12 +152,11 @@ class Session:
             entries = sorted(os.listdir(self.home))
         except FileNotFoundError:
             return []
-        return [n for n in entries
-                if _POOL_NAME.fullmatch(n) and (self.home / n / CONFIG_NAME).is_file()]
+        return [n for n in entries if _POOL_NAME.fullmatch(n) and is_pool_dir(self.home / n)]
 
     def require_pool(self, name: str) -> Path:
         path = self.pool_path(name)
-        if not (path / CONFIG_NAME).is_file():
+        if not is_pool_dir(path):
             raise NotFound(f"no pool named {name!r} in {self.home}; "
                            f"'thinpool list' shows the pools there")
         return path
@@ -191,9 +190,10 @@ class Session:
             pool = Pool.open(path, read_only=not write, wait=self.wait if write else 0)
         except BusyError as e:
             raise self._busy(name, e.holder_pid) from e
+        except PoolDamaged as e:
+            raise PoolDamaged(f"pool {name!r} does not open: {e}", e.path) from e
         except MetadataError as e:
-            raise MetadataError(f"pool {name!r} does not open: {e} (its metadata is damaged; "
-                                f"'thinpool check {name}' examines it)") from e
+            raise MetadataError(damage_message(name, path, e, opened=False)) from e
         # A command is the pool's only user in this process: nobody else could free space
         # while it waits, so a write that finds the pool full fails at once (exit 4).
         pool.wait_for_space = False
@@ -202,12 +202,48 @@ class Session:
         seen = len(pool.notes)
         for note in () if quiet else pool.notes:
             output.note(f"pool {name}: {note}")
+        marked = False
         try:
             with pool:
-                yield pool
+                try:
+                    yield pool
+                except MetadataError as e:
+                    # Damage a command found reading the pool marks it for a check (damage.py).
+                    marked = pool.report_damage(e)
+                    raise MetadataError(damage_message(name, path, e, opened=True,
+                                                       marked=marked)) from e
         finally:
             for note in () if quiet else pool.notes[seen:]:   # what the command ran into
                 output.warn(f"pool {name}: {note}")
+            if marked and not write:
+                _flag_needs_check(path)
+
+
+def damage_message(name: str, path: Path, e: MetadataError, *, opened: bool,
+                   marked: bool = False) -> str:
+    """One line for damaged metadata: which file, what is wrong, which command helps."""
+    from thinpool.config import pool_files
+    try:
+        mpath = str(pool_files(path)[0])
+    except ThinpoolError:
+        mpath = "its metadata"
+    what = " does not open" if not opened else ""
+    stop = ("; writes to it are stopped until 'thinpool check {0}' finds it clean" if marked or
+            not opened else "").format(name)
+    return (f"pool {name!r}{what}: its metadata {mpath} is damaged ({e}){stop}; "
+            f"'thinpool check {name}' examines it and 'thinpool repair -i {name} -o FILE' "
+            f"rebuilds what is readable")
+
+
+def _flag_needs_check(path: Path) -> None:
+    """A reader marked the pool: if no writer holds it, open it for writing, which turns the
+    marker into NEEDS_CHECK in the superblock (damage.py). Busy or unopenable: the marker
+    stays, and the next writer's open does it."""
+    from thinpool import Pool
+    try:
+        Pool.open(path).close()
+    except ThinpoolError:
+        pass
 
 
 def _readers(pids: list[int]) -> str:

@@ -103,6 +103,7 @@ def stat(session: Session, target: Target | None, as_json: bool) -> int:
         if target.volume is not None:
             get_volume(pool, target)
         st = pool_stat(pool)
+    warn_guessed(st)
     if target.volume is None:
         if as_json:
             output.emit_json(st)
@@ -115,6 +116,21 @@ def stat(session: Session, target: Target | None, as_json: bool) -> int:
     else:
         _show_volume(st, vol)
     return 0
+
+
+def warn_guessed(st: dict) -> None:
+    """Loudly, on stderr: volumes whose names were made up because every copy of the names was
+    lost, and the commands that name them again."""
+    guessed = [v for v in st["volumes"] if v.get("guessed")]
+    if not guessed:
+        return
+    pool = st["name"]
+    first = guessed[0]["name"]
+    output.warn(f"pool {pool}: the names of {len(guessed)} volume(s) were lost "
+                f"({', '.join(v['name'] for v in guessed)} are device ids, their sizes only "
+                f"reach their last mapped block and their origins are unknown); name each "
+                f"again with 'thinpool rename {pool}/{first} NAME' and give it its size with "
+                f"'thinpool resize {pool}/NAME --size SIZE' (README: 'Lost names')")
 
 
 def _show_pool(st: dict) -> None:

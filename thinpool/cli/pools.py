@@ -6,14 +6,13 @@ report one line. ``create`` and ``resize`` take either ``POOL`` or ``POOL/NAME``
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import click
 
-from thinpool.errors import AlreadyExists, InvalidArgument, MetadataError
-from thinpool.paths import CONFIG_NAME
+from thinpool.config import pool_files
+from thinpool.errors import AlreadyExists, InvalidArgument, MetadataError, PoolDamaged, ThinpoolError
 from thinpool.units import format_size
 
 from . import output
@@ -260,7 +259,7 @@ def destroy(session: Session, target: Target, yes: bool) -> None:
             count = len(pool.volumes())
             confirm(question, yes)
             shutil.rmtree(path)
-    except MetadataError as e:             # a pool too broken to open can still be removed
+    except (MetadataError, PoolDamaged) as e:  # a pool too broken to open can still be removed
         output.warn(f"pool {target.pool} does not open ({e})")
         confirm(question, yes)
         shutil.rmtree(path)
@@ -274,8 +273,7 @@ def destroy(session: Session, target: Target, yes: bool) -> None:
 def _given_devices(path: Path) -> list[Path]:
     """The data and metadata files or devices outside the pool's directory (--data/--metadata)."""
     try:
-        cfg = json.loads((path / CONFIG_NAME).read_text())
-        where = [path / cfg[key] for key in ("data", "metadata")]
-    except (OSError, ValueError, KeyError, TypeError):
+        where = list(pool_files(path))       # from either copy of pool.json
+    except ThinpoolError:
         return []
     return [p for p in where if p.resolve().parent != path.resolve()]

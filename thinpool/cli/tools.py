@@ -109,34 +109,52 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
     """Check metadata: every structure, every reference count; exit 3 if anything is wrong.
 
     Stricter than thin_check: it also verifies data block reference counts, mapped_blocks and
-    mappings past the end of the data device.
+    mappings past the end of the data device. On a pool it also checks the pool's own records:
+    both copies of its names and of pool.json, and the data device's size. Problems in the
+    metadata mark the pool for a check (writes stop); a clean check clears the mark.
 
     \b
       thinpool check demo
       thinpool check /dev/vg/pool_tmeta --json
     """
-    from thinpool.errors import MetadataError
+    from thinpool.errors import MetadataError, PoolDamaged
+    from thinpool.tools.check import CheckReport
     from thinpool.tools.check import check as run_check
     try:
         with source(session, target) as src:
             with output.count_progress(_device_count(src.path), "checking", "devices") as bar:
                 report = run_check(src.path, progress=lambda n: bar.advance(1))
-            flagged = src.pool is not None and src.pool.metadata.needs_check
+            flagged = src.pool is not None and src.pool.stat().needs_check
+            if src.pool is not None and not report.clean:
+                # Damage check found is damage found: writes stop until a check is clean.
+                src.pool.report_damage(MetadataError(f"'thinpool check' found {len(report.errors)} "
+                                                     f"problem(s): {report.errors[0]}"))
             if src.pool is not None:
                 _report_unmapped(src.pool, target, report)
-    except MetadataError:
+    except (MetadataError, PoolDamaged):
         if not _is_pool(session, target):
             raise
-        # The pool does not open (damaged superblock or space maps): check its metadata file all
-        # the same; that is what check is for. No writer holds it: a writer has to open it too.
-        from thinpool.pool import pool_files
-        report = run_check(str(pool_files(session.pool_path(target))[0]))
+        # The pool does not open (damaged superblock or space maps, a short data device, no
+        # readable pool.json): check what can be checked all the same; that is what check is
+        # for. No writer holds it: a writer has to open it too.
+        from thinpool.config import pool_files
+        try:
+            report = run_check(str(pool_files(session.pool_path(target))[0]))
+        except PoolDamaged:
+            report = CheckReport()              # (the records check below says why)
         flagged = False
+    if _is_pool(session, target):
+        # The pool's own records too (names, pool.json, the data device's size), so that no
+        # command's advice to run check ends in a check that says clean.
+        from thinpool.tools.pool_records import check_records
+        report.findings[:0] = check_records(session.pool_path(target))
     if flagged and report.clean:
         # A clean check is what a pool marked NEEDS_CHECK waits for (after damage was repaired
         # or metadata space was added): let it take writes again.
         with session.pool(target, write=True) as pool:
             pool.clear_needs_check()
+        from thinpool.tools.pool_records import MARKER_KIND
+        report.findings = [f for f in report.findings if f.kind != MARKER_KIND]
         if not quiet and not as_json:
             output.note(f"pool {target} was marked for a check; the check is clean, the mark is cleared")
     if as_json:

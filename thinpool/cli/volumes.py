@@ -1,4 +1,4 @@
-"""Commands on the volumes of a pool: snapshot, delete."""
+"""Commands on the volumes of a pool: snapshot, delete, rename."""
 
 from __future__ import annotations
 
@@ -60,3 +60,34 @@ def delete(session: Session, target: Target) -> None:
         mapped = vol.mapped_blocks
         pool.delete(target.volume)
     output.echo(f"deleted volume {target} ({mapped} mapped block{'' if mapped == 1 else 's'})")
+
+
+@cli.command()
+@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@click.argument("new_name", metavar="NEW_NAME")
+@pass_session
+def rename(session: Session, target: Target, new_name: str) -> None:
+    """Rename a volume (its device, data and snapshots stay; snapshots follow the new name).
+
+    Also how volumes get their names back after every copy of the names was lost (they are then
+    named by their device ids).
+
+    \b
+      thinpool rename demo/vol0 root
+      thinpool rename demo/1 vol0
+    """
+    if "/" in new_name:
+        pool, _, new_name = new_name.partition("/")
+        if pool != target.pool:
+            raise InvalidArgument(f"a volume stays in its pool {target.pool!r}; give just the "
+                                  f"new name")
+    try:
+        check_name(new_name)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint="'NEW_NAME'") from None
+    new = Target(target.pool, new_name)
+    with session.pool(target.pool, write=True) as pool:
+        get_volume(pool, target)
+        refuse_existing_volume(pool, new)
+        vol = pool.rename(target.volume, new_name)
+    output.echo(f"renamed {target} to {new} (device id {vol.dev_id}, {format_size(vol.size)})")
