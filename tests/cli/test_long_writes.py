@@ -131,3 +131,19 @@ def test_a_killed_import_keeps_a_committed_prefix_and_check_finds_the_rest(home,
     tp(home, "trim", "demo", check=0)
     r = tp(home, "check", "demo", check=0)
     assert "no mapping owns" not in r.out + r.stderr
+
+
+def test_list_json_keeps_a_pool_that_does_not_open(home):
+    import json
+    _pool(home)
+    tp(home, "create", "other", "--size", "1M", check=0)
+    with open(home / "other" / "metadata", "r+b") as f:
+        f.write(b"\xff" * 512)
+    r = tp(home, "list", "--json")
+    assert r.returncode == 3
+    doc = {p["name"]: p for p in json.loads(r.out)}
+    assert set(doc) == {"demo", "other"}
+    assert doc["other"]["exit_code"] == 3 and "damaged" in doc["other"]["error"]
+    assert doc["demo"]["volumes"][0]["name"] == "v"
+    r = tp(home, "list")
+    assert "does not open" in r.out and "demo/v" in r.out

@@ -57,7 +57,9 @@ def _add_sharing(pool, st: dict) -> None:
 
 
 def _each_pool(session: Session):
-    """(name, stat dict) of every pool that opens; a pool that does not is reported on stderr.
+    """(name, stat dict) of every pool that opens; a pool that does not is reported on stderr
+    and comes back as ``{"name": ..., "error": ..., "exit_code": ...}`` (so ``list --json``
+    never drops a pool silently).
 
     Returns a list and the exit code of the first failure (0 if none)."""
     found, code = [], 0
@@ -68,6 +70,7 @@ def _each_pool(session: Session):
         except ThinpoolError as e:
             output.error(str(e))
             code = code or e.exit_code
+            found.append({"name": name, "error": str(e), "exit_code": e.exit_code})
     return found, code
 
 
@@ -94,7 +97,7 @@ def stat(session: Session, target: Target | None, as_json: bool) -> int:
         if not pools and not code:
             output.note(f"no pools in {session.home}; make one with "
                         f"'thinpool create POOL --size SIZE'")
-        for i, st in enumerate(pools):
+        for i, st in enumerate(p for p in pools if "error" not in p):
             if i:
                 output.echo()
             _show_pool(st)
@@ -200,6 +203,9 @@ def list_(session: Session, as_json: bool) -> int:
         return code
     rows = []
     for st in pools:
+        if "error" in st:          # (said on stderr already)
+            rows.append((st["name"], "pool", "?", "?", "?", "does not open"))
+            continue
         bs = st["block_size"]
         total, used = st["data_blocks_total"] * bs, st["data_blocks_used"] * bs
         rows.append((st["name"], "pool", format_size(total), format_size(used),
@@ -214,6 +220,8 @@ def list_(session: Session, as_json: bool) -> int:
 
 
 def _list_entry(st: dict) -> dict:
+    if "error" in st:
+        return st
     bs = st["block_size"]
     return {
         "name": st["name"], "path": st["path"], "block_size": bs,
