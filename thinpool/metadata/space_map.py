@@ -259,6 +259,9 @@ class SpaceMap:
         self._check_block(b)
         i = b // E
         self._writable(i).counts[b - i * E] += n
+        if self._held and b in self._held:    # referenced again: in use, no longer held
+            self._held.discard(b)
+            self._held_arr = None
 
     def dec(self, b: int) -> int:
         self._check_block(b)
@@ -302,6 +305,9 @@ class SpaceMap:
         parts = [(self._writable(i), _multiplicities(off)) for i, off in self._groups(idx)]
         for p, (u, m) in parts:
             p.counts[u] += m
+        if self._held:
+            self._held.difference_update(idx.tolist())
+            self._held_arr = None
 
     def dec_many(self, blocks: np.ndarray) -> None:
         idx = np.asarray(blocks).astype(np.int64)
