@@ -37,15 +37,17 @@ Guarantees:
 * Commit writes only what changed: changed bitmaps are shadowed and rewritten, overflow entries
   inserted or removed, index entries updated (the data index with one ``insert_run``). A bitmap
   never written before (a new pool, a grown one) is a zeroed block from one allocation run;
-  its index entries are built in bulk. The metadata space map allocates its own blocks from
+  its index entries go in with the same ``insert_run`` (a brand-new data index is built in bulk). The metadata space map allocates its own blocks from
   itself; its commit runs to a fixed point so the counts it writes include the blocks it used to
   write them. A bitmap whose summary on disk disagreed with its counts when it was read (a
   ``thin_restore`` quirk, the kernel's ``nr_free`` of a partial last bitmap) is rewritten exact
   at the next commit that writes anything.
 * Summaries are exact: ``nr_allocated`` and ``nr_free`` come from the index entries of the
-  bitmaps not in memory (exact for everything thinpool, the kernel and ``thin_restore`` write:
-  the quirk is the metadata space map's partial bitmap, read at open) and from the counts of the
-  pieces in memory.
+  bitmaps not in memory and from the counts of the pieces in memory. The index entries are
+  exact for everything thinpool and the kernel write; ``thin_restore`` 0.9.0 counts one freed
+  metadata block as used in its bitmap's entry (shared/testdata/README.md): until that bitmap is
+  read (at open when it is the partial last one, else by the first allocation there, which any
+  write makes) the metadata summary is one block high, and the next commit writes it exact.
 
 What an exception midway leaves behind: a bitmap that cannot be read or is damaged (a bitmap
 value 3 without a count of 3 or more in the ref-count tree) raises
