@@ -144,6 +144,48 @@ def qemu_io_argv(path: os.PathLike | str, commands: Sequence[str]) -> list[str]:
     return argv
 
 
+#: Runs argv[3:] with its stdout in file argv[1] and its stdin from file argv[2] (or nothing:
+#: "-"), waits for it and prints its rusage. A small, fresh process on purpose: a child's
+#: ``ru_maxrss`` starts at the RSS of the process that forked it (Linux carries the pre-exec
+#: high-water mark across exec), so measured straight from the benchmark process (hundreds of
+#: MiB by then) every child would seem at least that big.
+_LAUNCHER = """
+import json, os, sys
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+inp = os.open(os.devnull if sys.argv[2] == "-" else sys.argv[2], os.O_RDONLY)
+with open("/proc/self/status") as f:
+    rss = [int(line.split()[1]) for line in f if line.startswith("VmHWM:")][0]
+pid = os.fork()
+if pid == 0:
+    os.dup2(out, 1)
+    os.dup2(inp, 0)
+    os.execv(sys.argv[3], sys.argv[3:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
+                  "launcher_rss_kib": rss}))
+"""
+
+
+def peak_rss(argv: Sequence[str], out_path: os.PathLike | str,
+             stdin_path: os.PathLike | str | None = None) -> tuple[float, bytes]:
+    """Run ``argv`` (its first element an absolute path) in a process of its own; its peak
+    resident set in MiB (``ru_maxrss`` from ``wait4``) and its stdout. Raises if it fails."""
+    import json
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, os.fspath(out_path),
+                        "-" if stdin_path is None else os.fspath(stdin_path), *argv],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise AssertionError(f"launcher failed: {r.stderr[-2000:]}")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    if result["exit"] != 0:
+        raise AssertionError(f"{argv[0]} exited {result['exit']}: {r.stderr[-2000:]}")
+    # The child's high-water mark starts at the launcher's size (its VmHWM when it forked):
+    # the figure is the child's own only if it is bigger.
+    assert result["maxrss_kib"] > result["launcher_rss_kib"], result
+    with open(out_path, "rb") as f:
+        return result["maxrss_kib"] / 1024, f.read()
+
+
 # -- files ---------------------------------------------------------------------------------------
 def fsync_path(path: os.PathLike | str) -> None:
     fd = os.open(path, os.O_RDONLY)

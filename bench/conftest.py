@@ -32,8 +32,8 @@ BLOCK_SIZE = 64 * 1024
 #: 8,000 metadata blocks (32 MiB); 64 MiB leaves room for the snapshots a benchmark takes.
 METADATA_SIZE = 64 * 2**20
 #: Data blocks of every benchmark pool, whatever the volume's size: the same for the baseline and
-#: the big cases, so that only the number of mapped blocks differs. (A commit does vectorised work
-#: proportional to the pool's data blocks; a varying pool size would measure that instead.)
+#: the big cases, so that only the number of mapped blocks differs. (Before issue 11 a commit did
+#: vectorised work proportional to the pool's data blocks; the pool's size is workload 10's.)
 NR_DATA_BLOCKS = 1_000_000
 #: Key of ``benchmark.extra_info`` holding the size a benchmark is parametrized on; the summary
 #: compares each benchmark with the one of the same group whose size is the group's smallest.

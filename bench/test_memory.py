@@ -23,14 +23,13 @@ under 300 MiB; the ratio is thin_check's peak over thinpool's.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
 from thinpool import Pool
 
-from ._util import need_tool, remove, set_value, tag, thinpool_argv
+from ._util import need_tool, peak_rss, remove, set_value, tag, thinpool_argv
 
 CLI = "8a. peak memory: thinpool check POOL, 4M mappings"
 LIBRARY = "8b. peak memory: Pool.open_files + check, 4M mappings"
@@ -50,46 +49,11 @@ json.dump({"clean": report.clean, "mappings": report.nr_mappings,
 """
 
 
-#: Runs argv[2:] with its stdout in file argv[1], waits for it and prints its rusage. A small,
-#: fresh process on purpose: a child's ``ru_maxrss`` starts at the RSS of the process that forked
-#: it (Linux carries the pre-exec high-water mark across exec), so measured straight from the
-#: benchmark process (hundreds of MiB by then) every child would seem at least that big.
-_LAUNCHER = """
-import json, os, sys
-out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-with open("/proc/self/status") as f:
-    rss = [int(line.split()[1]) for line in f if line.startswith("VmHWM:")][0]
-pid = os.fork()
-if pid == 0:
-    os.dup2(out, 1)
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
-                  "launcher_rss_kib": rss}))
-"""
-
-
-def _peak_mib(argv: list[str], out_path) -> tuple[float, bytes]:
-    """Run ``argv``; its peak RSS in MiB and its stdout. Raises if it fails."""
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(out_path), *argv],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise AssertionError(f"launcher failed: {r.stderr[-2000:]}")
-    result = json.loads(r.stdout.strip().splitlines()[-1])
-    if result["exit"] != 0:
-        raise AssertionError(f"{argv[0]} exited {result['exit']}: {r.stderr[-2000:]}")
-    # The child's high-water mark starts at the launcher's size (its VmHWM when it forked):
-    # the figure is the child's own only if it is bigger.
-    assert result["maxrss_kib"] > result["launcher_rss_kib"], result
-    with open(out_path, "rb") as f:
-        return result["maxrss_kib"] / 1024, f.read()
-
-
 def _measure(benchmark, argv, out_path, check_output=None) -> None:
     peaks: list[float] = []
 
     def once():
-        peak, out = _peak_mib(argv, out_path)
+        peak, out = peak_rss(argv, out_path)
         if check_output is not None:
             check_output(out)
         peaks.append(peak)

@@ -100,8 +100,8 @@ def final_checks(pool_dir: Path) -> None:
             assert dumped.devices[dev].mappings == ours
             assert dumped.devices[dev].mapped_blocks == len(ours)
         mc, dc = expected_counts(meta)
-        assert np.array_equal(mc, meta.metadata_sm.counts.astype(np.int64)), "metadata ref counts"
-        assert np.array_equal(dc, meta.data_sm.counts.astype(np.int64)), "data ref counts"
+        assert np.array_equal(mc, meta.metadata_sm.all_counts().astype(np.int64)), "metadata ref counts"
+        assert np.array_equal(dc, meta.data_sm.all_counts().astype(np.int64)), "data ref counts"
 
 
 class PoolMachine(RuleBasedStateMachine):

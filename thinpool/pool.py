@@ -676,23 +676,24 @@ class Pool:
             check_metadata_size(mblocks * fmt.BLOCK_SIZE)
             if mblocks < meta.metadata_sm.nr_blocks:
                 raise InvalidArgument("the metadata device cannot shrink")
+        grow_data = nr is not None and nr > meta.nr_data_blocks
+        if grow_data:
+            E = fmt.ENTRIES_PER_BITMAP
+            new_bitmaps = -(-nr // E) - -(-meta.nr_data_blocks // E)
+            need = new_bitmaps + new_bitmaps // 100 + 16   # bitmaps, index leaves, commit shadows
+            if mblocks is None and meta.metadata_sm.nr_allocatable() < need:
+                raise NoMetadataSpace(
+                    f"growing the data to {data_size} bytes needs about {need} free metadata "
+                    f"blocks and {meta.metadata_sm.nr_allocatable()} are free: grow the metadata "
+                    f"first ('thinpool resize {self.name} --metadata-size SIZE'); nothing was changed")
+            if nr * self.block_size > self._data.size:
+                # The file before the metadata: a size it cannot have (EFBIG) changes nothing.
+                self._data.grow(nr * self.block_size)
         if mblocks is not None:                  # metadata first: the data growth may need it
             if mblocks > meta.bm.nr_blocks:
                 meta.bm.grow(mblocks)
             meta.resize_metadata()
-        if nr is not None and nr > meta.nr_data_blocks:
-            E = fmt.ENTRIES_PER_BITMAP
-            new_bitmaps = -(-nr // E) - -(-meta.nr_data_blocks // E)
-            need = new_bitmaps + new_bitmaps // 100 + 16   # bitmaps, index leaves, commit shadows
-            if meta.metadata_sm.nr_allocatable() < need:
-                err = NoMetadataSpace(
-                    f"growing the data to {data_size} bytes needs about {need} free metadata "
-                    f"blocks and {meta.metadata_sm.nr_allocatable()} are free: grow the metadata "
-                    f"first ('thinpool resize {self.name} --metadata-size SIZE'); nothing was changed")
-                if mblocks is None:
-                    raise err
-            if nr * self.block_size > self._data.size:
-                self._data.grow(nr * self.block_size)
+        if grow_data:
             meta.resize_data(nr)
         # A grown space map alone is not among the metadata's "changes": commit regardless.
         grew = (meta.data_sm.nr_blocks, meta.metadata_sm.nr_blocks) != before

@@ -124,23 +124,25 @@ def check_all_trees(meta: ThinMetadata, *, zero_tail: bool = True) -> dict[str, 
     for name, sm in (("data", meta.data_sm), ("metadata", meta.metadata_sm)):
         tree = BTree(tm, REF_COUNT_VT)
         keys = [k for k, _ in tree.items(sm.ref_count_root)]
-        assert keys == np.flatnonzero(sm.counts >= 3).tolist(), f"{name} ref-count tree entries"
+        counts = sm.all_counts()
+        assert keys == np.flatnonzero(counts >= 3).tolist(), f"{name} ref-count tree entries"
         for k, v in tree.items(sm.ref_count_root):
-            assert int(v) == int(sm.counts[k])
+            assert int(v) == int(counts[k])
     return out
 
 
 def assert_counts_match(meta: ThinMetadata) -> None:
     """Both space maps hold exactly the reference counts recomputed from the committed trees."""
     em, ed = expected_counts(meta)
-    mdiff = np.flatnonzero(em != meta.metadata_sm.counts)
+    mc, dc = meta.metadata_sm.all_counts(), meta.data_sm.all_counts()
+    mdiff = np.flatnonzero(em != mc)
     assert len(mdiff) == 0, (
         f"metadata counts differ at {mdiff[:10].tolist()}: expected {em[mdiff[:10]].tolist()}, "
-        f"space map {meta.metadata_sm.counts[mdiff[:10]].tolist()}")
-    ddiff = np.flatnonzero(ed != meta.data_sm.counts)
+        f"space map {mc[mdiff[:10]].tolist()}")
+    ddiff = np.flatnonzero(ed != dc)
     assert len(ddiff) == 0, (
         f"data counts differ at {ddiff[:10].tolist()}: expected {ed[ddiff[:10]].tolist()}, "
-        f"space map {meta.data_sm.counts[ddiff[:10]].tolist()}")
+        f"space map {dc[ddiff[:10]].tolist()}")
 
 
 def assert_summaries_exact(meta: ThinMetadata) -> None:
@@ -149,7 +151,7 @@ def assert_summaries_exact(meta: ThinMetadata) -> None:
     sb = meta.sb
     for name, sm, root in (("data", meta.data_sm, sb.data_sm), ("metadata", meta.metadata_sm, sb.metadata_sm)):
         assert root.nr_blocks == sm.nr_blocks, name
-        assert root.nr_allocated == int(np.count_nonzero(sm.counts)), f"{name} nr_allocated"
+        assert root.nr_allocated == int(np.count_nonzero(sm.all_counts())), f"{name} nr_allocated"
     ibuf = meta.tm.read(sb.metadata_sm.bitmap_root, INDEX_VALIDATOR)
     entries = [fmt.INDEX_ENTRY.unpack_from(ibuf, 16 + 16 * i) for i in range(fmt.MAX_METADATA_BITMAPS)]
     n_md = -(-meta.metadata_sm.nr_blocks // E)
@@ -159,8 +161,9 @@ def assert_summaries_exact(meta: ThinMetadata) -> None:
         data_entries.extend((int(v["blocknr"]), int(v["nr_free"]), int(v["none_free_before"])) for v in vals)
     for name, sm, ents in (("metadata", meta.metadata_sm, entries[:n_md]), ("data", meta.data_sm, data_entries)):
         assert len(ents) == -(-sm.nr_blocks // E), f"{name}: number of index entries"
+        counts = sm.all_counts()
         for i, (_, nr_free, nfb) in enumerate(ents):
-            seg = sm.counts[i * E: (i + 1) * E]
+            seg = counts[i * E: (i + 1) * E]
             free = np.flatnonzero(seg == 0)
             assert nr_free == len(free), f"{name} bitmap {i}: nr_free {nr_free} != {len(free)}"
             assert nfb <= (int(free[0]) if len(free) else len(seg)), f"{name} bitmap {i}: none_free_before"

@@ -347,7 +347,7 @@ def test_random_grow_then_shrink_to_an_empty_leaf(tmp_path) -> None:
     full_check(meta)
     root = meta.mapping_tree.node(meta.roots[1])
     assert root.is_leaf and root.nr == 0 and root.max == 252
-    assert not meta.data_sm.counts.any()
+    assert not meta.data_sm.all_counts().any()
     meta.close()
 
 
@@ -391,12 +391,12 @@ def test_snapshot_of_a_deep_tree_then_cow_everywhere(tmp_path) -> None:
     meta.commit()
     full_check(meta)
     assert meta.roots[0] == meta.roots[1]
-    assert (meta.data_sm.counts[blocks] == 1).all()      # sharing is by tree node, not by block
+    assert (meta.data_sm.all_counts()[blocks] == 1).all()      # sharing is by tree node, not by block
     # One write into the snapshot copies the root and one leaf: that leaf's blocks gain a ref.
     meta.insert(1, 1, meta.data_sm.alloc())
     meta.commit()
     full_check(meta)
-    assert (meta.data_sm.counts[blocks] == 2).sum() > 80
+    assert (meta.data_sm.all_counts()[blocks] == 2).sum() > 80
     # Removals in the origin rebalance next to shared siblings.
     for i in range(0, 6000, 2):
         meta.remove(0, 3 * i)
@@ -407,8 +407,8 @@ def test_snapshot_of_a_deep_tree_then_cow_everywhere(tmp_path) -> None:
     meta.delete(1)
     meta.commit()
     full_check(meta)
-    assert (meta.data_sm.counts[blocks[1::2]] == 1).all()
-    assert not meta.data_sm.counts[blocks[0::2]].any()
+    assert (meta.data_sm.all_counts()[blocks[1::2]] == 1).all()
+    assert not meta.data_sm.all_counts()[blocks[0::2]].any()
     meta.close()
 
 
@@ -466,7 +466,7 @@ def test_absent_device_is_not_found(tmp_path) -> None:
                  lambda: meta.remove_range(3, 0, 10), lambda: meta.delete(3)):
         with pytest.raises(NotFound):
             call()
-    assert not meta.data_sm.counts.any()
+    assert not meta.data_sm.all_counts().any()
     meta.close()
 
 

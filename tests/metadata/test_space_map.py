@@ -20,8 +20,8 @@ from thinpool.errors import InvalidArgument, MetadataError, NoDataSpace, NoMetad
 from thinpool.metadata import format as fmt
 from thinpool.metadata.block import BITMAP_VALIDATOR
 from thinpool.metadata.btree import BTree
-from thinpool.metadata.space_map import (REF_COUNT_VT, DataSpaceMap, MetadataSpaceMap, SpaceMap,
-                                         decode_bitmap, encode_bitmap)
+from thinpool.metadata.space_map import REF_COUNT_VT, SpaceMap, decode_bitmap, encode_bitmap
+from thinpool.metadata.space_map_disk import DataSpaceMap, MetadataSpaceMap
 from thinpool.metadata.thin_metadata import ThinMetadata
 
 E = fmt.ENTRIES_PER_BITMAP
@@ -123,9 +123,7 @@ def test_bitmap_round_trip_large(seed: int, length: int, density: float) -> None
 
 def _space_map(kind: str, nr: int, committed: np.ndarray, current: np.ndarray) -> SpaceMap:
     sm = DataSpaceMap(nr) if kind == "data" else MetadataSpaceMap(nr)
-    sm.counts[:] = current
-    sm.committed[:] = committed
-    sm.recount()
+    sm.assign(committed, current)
     return sm
 
 
@@ -196,20 +194,20 @@ def test_alloc_never_returns_a_block_in_use_now_or_at_commit(state, interleave_d
 def test_alloc_run_is_all_or_nothing(state, want, hint) -> None:
     kind, nr, committed, current = state
     sm = _space_map(kind, nr, committed, current)
-    before = sm.counts.copy()
+    before = sm.all_counts().copy()
     allocatable = np.flatnonzero((committed == 0) & (current == 0))
     err = NoDataSpace if kind == "data" else NoMetadataSpace
     if want > len(allocatable):
         with pytest.raises(err) as exc:
             sm.alloc_run(want, hint)
         assert f"{want} needed" in str(exc.value)
-        assert np.array_equal(sm.counts, before), "a failed alloc_run must not allocate anything"
+        assert np.array_equal(sm.all_counts(), before), "a failed alloc_run must not allocate anything"
         return
     blocks = sm.alloc_run(want, hint)
     assert len(blocks) == want and len(set(blocks.tolist())) == want
     assert set(blocks.tolist()) <= set(allocatable.tolist())
-    assert (sm.counts[blocks] == 1).all()
-    changed = np.flatnonzero(sm.counts != before)
+    assert (sm.all_counts()[blocks] == 1).all()
+    changed = np.flatnonzero(sm.all_counts() != before)
     assert sorted(changed.tolist()) == sorted(blocks.tolist())
     # Single allocations afterwards still respect the rule.
     rest = set(allocatable.tolist()) - set(blocks.tolist())
@@ -219,8 +217,9 @@ def test_alloc_run_is_all_or_nothing(state, want, hint) -> None:
 
 def test_alloc_run_prefers_contiguous_first_fit() -> None:
     sm = DataSpaceMap(1000)
-    sm.counts[[0, 1, 5]] = 1
-    sm.committed[[0, 1, 5]] = 1
+    used = np.zeros(1000, np.uint32)
+    used[[0, 1, 5]] = 1
+    sm.assign(used, used)
     run = sm.alloc_run(3, hint=0)
     assert run.tolist() == [2, 3, 4]
     run = sm.alloc_run(10, hint=100)
@@ -261,7 +260,7 @@ def test_extend() -> None:
         sm.alloc()
     sm.extend(E + 5)
     assert sm.nr_blocks == E + 5 and sm.nr_bitmaps == 2
-    assert np.array_equal(sm.counts[blocks], np.ones(10))
+    assert np.array_equal(sm.all_counts()[blocks], np.ones(10))
     got = sm.alloc_run(E - 5)
     assert set(got.tolist()) == set(range(10, E + 5))
     with pytest.raises(NoDataSpace):
@@ -316,7 +315,7 @@ def test_uncommitted_metadata_never_overwrites_committed_blocks(tmp_path) -> Non
     _map_run(meta, 1, range(5000, 6000))
     meta.create_snap(2, 1)
     meta.delete(1)
-    live = set(np.flatnonzero(meta.metadata_sm.committed).tolist())
+    live = set(np.flatnonzero(meta.metadata_sm.all_committed()).tolist())
     assert live and not live & set(meta.tm.dirty), "a committed block is being rewritten"
     meta.abort()
     meta.close()
@@ -371,11 +370,11 @@ def test_resize_data_across_bitmaps(tmp_path) -> None:
         assert dump(meta.bm.path).nr_data_blocks == size
         with pytest.raises(InvalidArgument):
             meta.resize_data(size - 1)
-    counts = meta.data_sm.counts.copy()
+    counts = meta.data_sm.all_counts().copy()
     path = meta.bm.path
     meta.close()
     meta = ThinMetadata.open(path, read_only=True)
-    assert np.array_equal(meta.data_sm.counts, counts)
+    assert np.array_equal(meta.data_sm.all_counts(), counts)
     assert meta.nr_data_blocks == 3 * E + 17
     meta.close()
 
@@ -411,7 +410,7 @@ def test_data_overflow_counts_go_to_the_ref_count_tree(tmp_path) -> None:
             meta.insert(dev, i, b)
     meta.commit()
     full_check(meta)
-    assert (meta.data_sm.counts[blocks] == 4).all()
+    assert (meta.data_sm.all_counts()[blocks] == 4).all()
     rc = BTree(meta.tm, REF_COUNT_VT)
     assert [k for k, _ in rc.items(meta.data_sm.ref_count_root)] == blocks.tolist()
     assert not rc.node(meta.data_sm.ref_count_root).is_leaf
@@ -431,10 +430,10 @@ def test_data_overflow_counts_go_to_the_ref_count_tree(tmp_path) -> None:
     full_check(meta)
     assert list(rc.items(meta.data_sm.ref_count_root)) == []
     path = meta.bm.path
-    counts = meta.data_sm.counts.copy()
+    counts = meta.data_sm.all_counts().copy()
     meta.close()
     meta = ThinMetadata.open(path)
-    assert np.array_equal(meta.data_sm.counts, counts)
+    assert np.array_equal(meta.data_sm.all_counts(), counts)
     meta.close()
 
 

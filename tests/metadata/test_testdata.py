@@ -120,7 +120,7 @@ def test_specific_counts(tmp_path) -> None:
         empty = {meta.roots[d] for d in (2, 3, 4)}
         assert len(empty) == 1
         assert meta.metadata_sm.get(empty.pop()) == 3          # from the ref-count tree
-        assert meta.data_sm.counts[5:8].tolist() == [3, 3, 3]
+        assert meta.data_sm.all_counts()[5:8].tolist() == [3, 3, 3]
         meta.close()
     if "03-large" in cases:
         meta = ThinMetadata.open(testdata_image("03-large", tmp_path), read_only=True)
@@ -183,7 +183,7 @@ def test_replay_cow_after_snapshot_gives_08(tmp_path) -> None:
     meta.set_transaction_id(6)
     meta.commit()
     full_check(meta, zero_tail=False)
-    counts = meta.data_sm.counts
+    counts = meta.data_sm.all_counts()
     assert {b: int(counts[b]) for b in (10, 11, 12, 20, 30)} == {10: 1, 11: 2, 12: 2, 20: 2, 30: 1}
     assert np.count_nonzero(counts) == 5
     assert meta.roots[1] == 10 and meta.roots[2] != 10

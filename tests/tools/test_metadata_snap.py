@@ -127,8 +127,8 @@ def test_release_frees_what_only_the_snapshot_used(tmp_path):
     with pytest.raises(NotFound):
         MetadataReader(path, metadata_snap=True)
     em, ed = expected_counts(meta)
-    assert np.array_equal(em, meta.metadata_sm.counts)
-    assert np.array_equal(ed, meta.data_sm.counts)
+    assert np.array_equal(em, meta.metadata_sm.all_counts())
+    assert np.array_equal(ed, meta.data_sm.all_counts())
     assert meta.metadata_sm.nr_allocated() < used_held
     assert_checks_pass(path)
     assert check(path).clean

@@ -58,7 +58,7 @@ def test_trim_releases_stale_bytes_in_free_blocks_only(tmp_path):
     pool, model = random_pool(tmp_path / "pool", 9, steps=15, max_writes=300)
     data = tmp_path / "pool" / "data"
     bs = pool.block_size
-    counts = pool.metadata.data_sm.counts
+    counts = pool.metadata.data_sm.all_counts()
     free = [int(b) for b in (counts == 0).nonzero()[0][:: 97][:200]]
     used = [int(b) for b in (counts > 0).nonzero()[0]]
     assert free and used

@@ -226,7 +226,7 @@ class BlockManager:
             validator.prepare(buf, b)
             data = bytes(buf)
             self._remember(b, data, validator.kind)
-            if run and b == run_start + len(run):
+            if run and b == run_start + len(run) and len(run) < 512:
                 run.append(data)
             else:
                 self._writev(run_start, run)

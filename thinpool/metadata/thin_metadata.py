@@ -52,7 +52,7 @@ from ..errors import (AlreadyExists, IncompatibleMetadata, InvalidArgument, Meta
 from . import format as fmt
 from .block import SUPERBLOCK_VALIDATOR, BlockManager
 from .btree import BTree, ValueType
-from .space_map import DataSpaceMap, MetadataSpaceMap
+from .space_map_disk import DataSpaceMap, MetadataSpaceMap
 from .transaction import TransactionManager
 
 
@@ -273,8 +273,7 @@ class ThinMetadata:
         b = np.sort(np.asarray(blocks, np.int64))
         if len(b):
             b = b[np.concatenate(([True], b[1:] != b[:-1]))]
-        sm = self.data_sm
-        return b[(sm.counts[b] == 0) & (sm.committed[b] == 0)]
+        return b[self.data_sm.still_free(b)]
 
     def data_freed_in_transaction(self) -> int:
         """Data blocks freed since the last commit: a commit makes them allocatable again."""

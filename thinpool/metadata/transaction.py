@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
 from ..errors import MetadataError
 from . import format as fmt
 from .block import SUPERBLOCK_VALIDATOR, BlockManager, Validator
@@ -36,6 +38,8 @@ class RefCounts(Protocol):
     def dec(self, b: int) -> int: ...
 
     def alloc(self) -> int: ...
+
+    def alloc_run(self, count: int) -> np.ndarray: ...
 
 
 class TransactionManager:
@@ -63,6 +67,15 @@ class TransactionManager:
         buf = bytearray(fmt.BLOCK_SIZE)
         self.dirty[b] = (buf, validator)
         return b, buf
+
+    def new_blocks(self, count: int, validator: Validator) -> np.ndarray:
+        """Allocate ``count`` zeroed blocks (count 1 each) in one run; returns their numbers."""
+        if self.bm.read_only:
+            raise MetadataError("metadata is open read-only")
+        blocks = self.sm.alloc_run(count)
+        for b in blocks.tolist():
+            self.dirty[b] = (bytearray(fmt.BLOCK_SIZE), validator)
+        return blocks
 
     def shadow(self, b: int, validator: Validator) -> tuple[int, bytearray, bool]:
         """Make ``b`` writable: returns (location, buffer, shared_before)."""

@@ -3,14 +3,12 @@
 Free means a reference count of 0 both now and at the last commit, so nothing a crash could bring
 back is touched. On a file the blocks become holes (``fallocate`` punch); on a block device they
 are discarded. Runs of consecutive free blocks go out as one call each.
-Cost: O(data blocks) vectorised, plus one system call per free run.
+Cost: one read of every data bitmap (vectorised), plus one system call per free run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 from ..pool import Pool
 
@@ -29,20 +27,15 @@ class TrimResult:
 def trim(pool: Pool) -> TrimResult:
     pool._check_writable()
     pool.commit()
-    sm = pool.metadata.data_sm
-    free = np.flatnonzero((sm.counts == 0) & (sm.committed == 0))
     dev = pool._data
     before = dev.allocated_bytes()
-    runs = 0
+    runs = free = 0
     ok = True
-    if len(free):
-        brk = np.flatnonzero(np.diff(free) != 1) + 1
-        starts = np.concatenate([[0], brk])
-        ends = np.concatenate([brk, [len(free)]])
-        for a, z in zip(starts.tolist(), ends.tolist()):
-            ok = dev.punch_blocks(int(free[a]), z - a) and ok
-            runs += 1
+    for start, n in pool.metadata.data_sm.free_runs():
+        ok = dev.punch_blocks(start, n) and ok
+        runs += 1
+        free += n
     dev.sync()
     after = dev.allocated_bytes()
     released = None if before is None else max(0, before - after)
-    return TrimResult(len(free), runs, ok, released)
+    return TrimResult(free, runs, ok, released)
