@@ -8,7 +8,6 @@ by ``Pool.create``. Sizes follow the kernel's guidance (``default_metadata_size`
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path

@@ -25,8 +25,8 @@ from thinpool.units import format_size
 
 from . import output
 from .app import POOL, SIZE, Session, Target, cli, pass_session
-from .safety import (confirm_overwrite, os_error, refuse_pool_file, removed_on_failure,
-                     replacing)
+from .safety import confirm_overwrite, os_error, refuse_pool_file
+from .safety import removed_on_failure, replacing
 
 
 class Source:
