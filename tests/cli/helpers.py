@@ -58,3 +58,48 @@ def assert_one_line_error(r, code: int, *fragments: str) -> None:
     assert "Traceback" not in r.stderr
     for f in fragments:
         assert f in r.stderr, (f, r.stderr)
+
+
+def tp_terminal(home: Path, *args: str, answer: bytes = b"", timeout: float = 60):
+    """Run ``thinpool --home HOME ARGS`` with stdin and stderr on a pseudo-terminal (so it may
+    ask a question), typing ``answer``; stdout is a pipe. Returns (exit code, stdout bytes,
+    what the terminal showed)."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([*THINPOOL, "--home", str(home), *args], stdin=slave,
+                             stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
+                             close_fds=True)
+    finally:
+        os.close(slave)
+    shown = b""
+    typed = False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:             # the child closed the terminal (EIO)
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+                if not typed and b"[y/N]" in shown:
+                    os.write(master, answer)
+                    typed = True
+            elif p.poll() is not None:
+                break
+        out = p.stdout.read()
+        code = p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        os.close(master)
+    return code, out, shown.decode(errors="replace")

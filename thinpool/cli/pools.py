@@ -130,10 +130,12 @@ def _create_pool(session: Session, name: str, size: int | None, block_size: int 
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise AlreadyExists(f"pool {name!r} exists already in {session.home}; choose another "
                             f"name, or remove it with 'thinpool destroy {name}'")
-    size = _pool_data_size(size, bs, data_path)
+    size, notice = _pool_data_size(size, bs, data_path)
     with Pool.create(path, data_size=size, block_size=bs, metadata_size=metadata_size,
                      data_path=data_path, metadata_path=metadata_path, **(options or {})) as pool:
         st = pool.stat()
+    if notice:
+        output.note(notice)
     output.echo(f"created pool {name} in {path}: {format_size(st.data_blocks_total * bs)} of data "
                 f"in {st.data_blocks_total} blocks of {format_size(bs)}, "
                 f"{format_size(st.metadata_blocks_total * 4096)} of metadata")
@@ -143,9 +145,9 @@ def _blocks(n: int, bs: int) -> str:
     return f"{format_size(n)} ({n // bs} block{'' if n // bs == 1 else 's'} of {format_size(bs)})"
 
 
-def _pool_data_size(size: int | None, bs: int, data_path: Path | None) -> int:
-    """The data size a new pool gets, in whole blocks, with a notice when it differs from what
-    was asked. A new data file: --size rounded up. A given file or device is never grown: without
+def _pool_data_size(size: int | None, bs: int, data_path: Path | None) -> tuple[int, str | None]:
+    """The data size a new pool gets, in whole blocks, and a notice when it differs from what
+    was asked (printed once the pool is made). A new data file: --size rounded up. A given file or device is never grown: without
     --size all of it (rounded down), with --size that much if it holds it."""
     from thinpool.creation import max_data_size
     if data_path is None:
@@ -157,9 +159,7 @@ def _pool_data_size(size: int | None, bs: int, data_path: Path | None) -> int:
             raise InvalidArgument(f"--size {format_size(size)} is more than a pool of "
                                   f"{format_size(bs)} blocks can have ({format_size(limit)})")
         used = min(-(-size // bs) * bs, limit)
-        if used != size:
-            output.note(f"pool size rounded up to {_blocks(used, bs)}")
-        return used
+        return used, None if used == size else f"pool size rounded up to {_blocks(used, bs)}"
     have = _device_size(data_path)
     kind = "block device" if stat_mod.S_ISBLK(os.stat(data_path).st_mode) else "file"
     whole = have - have % bs
@@ -167,10 +167,9 @@ def _pool_data_size(size: int | None, bs: int, data_path: Path | None) -> int:
         raise InvalidArgument(f"--data {data_path} holds {format_size(have)}, less than one data "
                               f"block ({format_size(bs)})")
     if size is None:
-        if whole != have:
-            output.note(f"using {_blocks(whole, bs)} of the {format_size(have)} of {kind} "
-                        f"{data_path} (whole blocks only)")
-        return whole
+        return whole, None if whole == have else (
+            f"using {_blocks(whole, bs)} of the {format_size(have)} of {kind} {data_path} "
+            f"(whole blocks only)")
     if size > have:
         grow = ("a block device does not grow: give a smaller --size or a larger device"
                 if kind == "block device" else
@@ -183,12 +182,9 @@ def _pool_data_size(size: int | None, bs: int, data_path: Path | None) -> int:
                               f"({format_size(bs)}); give at least --size {format_size(bs)}")
     used = -(-size // bs) * bs
     if used > have:
-        used = whole
-        output.note(f"pool size rounded down to {_blocks(used, bs)}: --data {data_path} holds "
-                    f"only {format_size(have)}")
-    elif used != size:
-        output.note(f"pool size rounded up to {_blocks(used, bs)}")
-    return used
+        return whole, (f"pool size rounded down to {_blocks(whole, bs)}: --data {data_path} "
+                       f"holds only {format_size(have)}")
+    return used, None if used == size else f"pool size rounded up to {_blocks(used, bs)}"
 
 
 def _device_size(path: Path) -> int:
@@ -202,23 +198,26 @@ def _device_size(path: Path) -> int:
         os.close(fd)
 
 
-def round_volume_size(size: int) -> int:
-    """A volume's size in whole 512-byte sectors (rounded up, with a notice), within the limit."""
+def round_volume_size(size: int) -> tuple[int, str | None]:
+    """A volume's size in whole 512-byte sectors (rounded up), within the limit, and a notice
+    when that differs from ``size`` (printed once the command succeeded)."""
     from thinpool.creation import check_volume_size
     check_volume_size(size)
     used = -(-size // SECTOR_SIZE) * SECTOR_SIZE
-    if used != size:
-        check_volume_size(used)
-        output.note(f"volume size rounded up to {format_size(used)} ({used} bytes, "
-                    f"{used // SECTOR_SIZE} sectors of 512 bytes)")
-    return used
+    if used == size:
+        return size, None
+    check_volume_size(used)
+    return used, (f"volume size rounded up to {format_size(used)} ({used} bytes: whole "
+                  f"512-byte sectors)")
 
 
 def _create_volume(session: Session, target: Target, size: int) -> None:
-    size = round_volume_size(size)
+    size, notice = round_volume_size(size)
     with session.pool(target.pool, write=True) as pool:
         refuse_existing_volume(pool, target)
         vol = pool.create_thin(target.volume, size)
+        if notice:
+            output.note(notice)
         output.echo(f"created volume {target} of {format_size(vol.size)} (device id {vol.dev_id})")
         warn_if_overcommitted(pool)
 
@@ -280,13 +279,15 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
             raise click.UsageError("--metadata-size applies to pools, not to volumes")
         if size is None:
             raise click.UsageError("give the volume's new --size")
-        size = round_volume_size(size)
+        size, notice = round_volume_size(size)
         with session.pool(target.pool, write=True) as pool:
             old = get_volume(pool, target).size
             if size < old:
                 confirm(f"Shrink volume {target} from {format_size(old)} to "
                         f"{format_size(size)}, dropping its data past {format_size(size)}?", yes)
             vol = pool.resize_volume(target.volume, size)
+            if notice:
+                output.note(notice)
             output.echo(f"resized volume {target} from {format_size(old)} to "
                         f"{format_size(vol.size)}")
             if size < old:
@@ -299,10 +300,10 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
     with session.pool(target.pool, write=True) as pool:
         st = pool.stat()
         bs = st.block_size
+        notice = None
         if size is not None and size % bs:
-            rounded = -(-size // bs) * bs
-            output.note(f"pool size rounded up to {_blocks(rounded, bs)}")
-            size = rounded
+            size = -(-size // bs) * bs
+            notice = f"pool size rounded up to {_blocks(size, bs)}"
         old_data = st.data_blocks_total * bs
         old_meta = st.metadata_blocks_total * 4096
         if size is not None and size // bs < st.data_blocks_total:
@@ -316,6 +317,8 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
                 f"to {format_size(metadata_size)} (dm-thin metadata only grows)")
         pool.resize(data_size=size, metadata_size=metadata_size)
         st = pool.stat()
+    if notice:
+        output.note(notice)
     new_data = st.data_blocks_total * bs
     new_meta = st.metadata_blocks_total * 4096
     if new_data == old_data and new_meta == old_meta:

@@ -50,13 +50,27 @@ def refuse_in_use(session: Session, path, option: str) -> None:
 
 
 def holds_something(path) -> int | None:
-    """The size of an existing non-empty regular file or of a block device; None otherwise."""
+    """The size of an existing regular file with data in it (a file that is all hole, such as
+    one just made with ``truncate -s``, holds nothing) or of a block device; None otherwise."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
     if stat_mod.S_ISREG(st.st_mode):
-        return st.st_size or None
+        if not st.st_size:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return st.st_size
+        try:
+            os.lseek(fd, 0, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:          # no data anywhere: nothing to lose
+                return None
+        finally:
+            os.close(fd)
+        return st.st_size
     if stat_mod.S_ISBLK(st.st_mode):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -25,8 +25,13 @@ from thinpool.units import format_size
 
 from . import output
 from .app import POOL, SIZE, Session, Target, cli, pass_session
-from .safety import confirm_overwrite, os_error, refuse_pool_file
-from .safety import removed_on_failure, replacing
+from .safety import (
+    confirm_overwrite,
+    os_error,
+    refuse_pool_file,
+    removed_on_failure,
+    replacing,
+)
 
 
 class Source:
@@ -205,7 +210,8 @@ def dump(session: Session, target: str, fmt: str, dev_ids: tuple[str, ...], out:
       thinpool dump demo > demo.xml
       thinpool dump demo --format json --dev-id vol0
     """
-    from thinpool.tools.dump import JsonEmitter, XmlEmitter, dump as run_dump
+    from thinpool.tools.dump import JsonEmitter, XmlEmitter
+    from thinpool.tools.dump import dump as run_dump
     if out:
         refuse_pool_file(session, out, "the dump output")
     with source(session, target, metadata_snap) as src:
@@ -247,7 +253,8 @@ def restore(session: Session, input_: str, output_: str, metadata_size: int | No
       thinpool restore -i demo.xml -o /tmp/meta.img
     """
     from thinpool.metadata.block import create_metadata_file
-    from thinpool.tools.restore import parse_dump, restore as run_restore
+    from thinpool.tools.restore import parse_dump
+    from thinpool.tools.restore import restore as run_restore
     if _is_pool(session, output_):
         raise InvalidArgument(f"{output_!r} is a pool; restore writes a metadata file or device "
                               f"(give a path)")
@@ -288,8 +295,13 @@ def ls(session: Session, target: str, fields: str | None, no_headers: bool, as_j
       thinpool ls demo
       thinpool ls demo -o NAME,MAPPED,EXCLUSIVE,SHARED
     """
-    from thinpool.snapshot.accounting import (DEFAULT_LS_FIELDS, LS_FIELDS, device_usage,
-                                              format_grid, ls_value)
+    from thinpool.snapshot.accounting import (
+        DEFAULT_LS_FIELDS,
+        LS_FIELDS,
+        device_usage,
+        format_grid,
+        ls_value,
+    )
     with source(session, target, metadata_snap) as src:
         names = src.names()
         with _reader(src, metadata_snap) as reader:
@@ -333,7 +345,8 @@ def delta(session: Session, target: str, left: str, right: str, fmt: str, verbos
     \b
       thinpool delta demo --snap1 vol0 --snap2 snap0
     """
-    from thinpool.snapshot.delta import delta as run_delta, delta_xml
+    from thinpool.snapshot.delta import delta as run_delta
+    from thinpool.snapshot.delta import delta_xml
     with source(session, target, metadata_snap) as src:
         a, b = src.dev_id(left), src.dev_id(right)
         with _reader(src, metadata_snap) as reader:
