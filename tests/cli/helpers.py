@@ -60,9 +60,10 @@ def assert_one_line_error(r, code: int, *fragments: str) -> None:
         assert f in r.stderr, (f, r.stderr)
 
 
-def tp_terminal(home: Path, *args: str, answer: bytes = b"", timeout: float = 60):
+def tp_terminal(home: Path, *args: str, answer: bytes | int = b"", timeout: float = 60):
     """Run ``thinpool --home HOME ARGS`` with stdin and stderr on a pseudo-terminal (so it may
-    ask a question), typing ``answer``; stdout is a pipe. Returns (exit code, stdout bytes,
+    ask a question), typing ``answer`` at the question (an int: send that signal instead, as
+    Ctrl-C would); stdout is a pipe. Returns (exit code, stdout bytes,
     what the terminal showed)."""
     import pty
     import select
@@ -90,7 +91,10 @@ def tp_terminal(home: Path, *args: str, answer: bytes = b"", timeout: float = 60
                     break
                 shown += chunk
                 if not typed and b"[y/N]" in shown:
-                    os.write(master, answer)
+                    if isinstance(answer, int):
+                        p.send_signal(answer)
+                    else:
+                        os.write(master, answer)
                     typed = True
             elif p.poll() is not None:
                 break
