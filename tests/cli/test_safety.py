@@ -62,7 +62,7 @@ def test_export_onto_a_pool_file_is_refused(home, demo, tmp_path, which, how):
     else:
         path = target
     before = fingerprint(demo)
-    r = tp(home, "export", "demo/vol0", str(path), "--yes")
+    r = tp(home, "export", "demo/vol0", str(path))
     assert_one_line_error(r, 2, "pool 'demo'", "destroy the pool")
     assert fingerprint(demo) == before
     assert_checks_pass(demo / "metadata")
@@ -70,12 +70,12 @@ def test_export_onto_a_pool_file_is_refused(home, demo, tmp_path, which, how):
 
 @requires_tools
 @pytest.mark.parametrize("argv", [
-    ["dump", "demo", "-o", "{P}/metadata", "--yes"],
+    ["dump", "demo", "-o", "{P}/metadata"],
     ["dump", "demo", "-o", "{P}/new.xml"],                     # a new file in a pool's directory
-    ["restore", "-i", "{X}", "-o", "{P}/data", "--yes"],
-    ["restore", "-i", "{X}", "-o", "{P}/metadata", "--yes"],
-    ["repair", "-i", "demo", "-o", "{P}/data", "--yes"],
-    ["repair", "-i", "demo", "-o", "{P}/pool.json", "--yes"],
+    ["restore", "-i", "{X}", "-o", "{P}/data"],
+    ["restore", "-i", "{X}", "-o", "{P}/metadata"],
+    ["repair", "-i", "demo", "-o", "{P}/data"],
+    ["repair", "-i", "demo", "-o", "{P}/pool.json"],
 ])
 def test_tool_outputs_onto_a_pool_file_are_refused(home, demo, tmp_path, argv):
     xml = tmp_path / "d.xml"
