@@ -144,8 +144,23 @@ def echo(text: str = "") -> None:
         sys.stdout.flush()
     except StdoutError as e:
         _echo_failed = True
+        _discard_pending()
         if not e.quiet:
             warn(f"{e}; the command's report follows here: {text}")
+
+
+def _discard_pending() -> None:
+    """Point stdout's descriptor at /dev/null and flush there what could not be written, so
+    the failed report is not tried again at exit."""
+    import os
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError, StdoutError):
+        pass
 
 
 def line(text: str = "") -> None:

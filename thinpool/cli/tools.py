@@ -259,6 +259,9 @@ def restore(session: Session, input_: str, output_: str, metadata_size: int | No
         raise InvalidArgument(f"{output_!r} is a pool; restore writes a metadata file or device "
                               f"(give a path)")
     refuse_pool_file(session, output_, "the restore output")
+    if metadata_size is not None:
+        from thinpool.creation import check_metadata_size
+        check_metadata_size(metadata_size)
     img = parse_dump(input_)
     confirm_overwrite(output_, yes, " with the restored metadata")
     with removed_on_failure(output_):
