@@ -20,8 +20,14 @@ import time
 
 import pytest
 
-from tests.cli.helpers import (THINPOOL, assert_one_line_error, clean_env, fingerprint, tp,
-                               tp_terminal)
+from tests.cli.helpers import (
+    THINPOOL,
+    assert_one_line_error,
+    clean_env,
+    fingerprint,
+    tp,
+    tp_terminal,
+)
 from tests.tptools import assert_checks_pass, requires_tools
 from thinpool import Pool
 
@@ -162,13 +168,13 @@ def test_export_into_a_missing_directory(home, demo, tmp_path):
 def test_read_into_a_full_device_is_out_of_space(home, demo):
     with open("/dev/full", "wb") as full:
         r = subprocess.run([*THINPOOL, "--home", str(home), "read", "demo/vol0"], stdout=full,
-                           stderr=subprocess.PIPE, env=clean_env(), timeout=60)
+                           stderr=subprocess.PIPE, env=clean_env(), timeout=60, check=False)
     err = r.stderr.decode()
     assert r.returncode == 4 and err.count("\n") == 1 and "stdout" in err, (r.returncode, err)
     # A report line after the work is done does not fail the command: a warning instead.
     with open("/dev/full", "wb") as full:
         r = subprocess.run([*THINPOOL, "--home", str(home), "create", "demo/v2", "--size", "1M"],
-                           stdout=full, stderr=subprocess.PIPE, env=clean_env(), timeout=60)
+                           stdout=full, stderr=subprocess.PIPE, env=clean_env(), timeout=60, check=False)
     assert r.returncode == 0 and b"created volume demo/v2" in r.stderr, r.stderr
     assert "v2" in [v["name"] for v in _stat(home, "demo")["volumes"]]
 
@@ -185,7 +191,7 @@ def test_reader_going_away_is_quiet_141(home, demo):
 
 def test_closed_stdout(home, demo):
     r = subprocess.run([*THINPOOL, "--home", str(home), "read", "demo/vol0"], stdout=None,
-                       stderr=subprocess.PIPE, env=clean_env(), timeout=60,
+                       stderr=subprocess.PIPE, env=clean_env(), timeout=60, check=False,
                        preexec_fn=lambda: os.close(1))
     err = r.stderr.decode()
     assert r.returncode == 1 and "closed" in err and err.count("\n") == 1, err
@@ -203,7 +209,7 @@ def test_signal_mid_run(home, demo, sig, code, word):
     p.stdin.flush()
     _wait_for_lock(demo, p)
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
+    _, err = p.communicate(timeout=60)
     assert p.returncode == code and err.decode() == f"thinpool: {word}\n", (p.returncode, err)
     assert fingerprint(demo) == before
 

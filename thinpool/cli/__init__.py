@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sys.stdout = saved_stdout
     finally:
-        _install(signal.SIGTERM, saved_term)
+        if argv is None:        # the process's entry point: the exit code is decided, keep it
+            _install(signal.SIGINT, signal.SIG_IGN)
+            _install(signal.SIGTERM, signal.SIG_IGN)
+        else:
+            _install(signal.SIGTERM, saved_term)
 
 
 def _run(args: list[str]) -> int:
