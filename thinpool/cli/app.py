@@ -269,7 +269,7 @@ def cli(ctx: click.Context, home: Path | None, debug: bool) -> None:
     sectors).
 
     Exit codes: 0 success, 1 failure, 2 bad usage or argument, 3 metadata corrupt, 4 out of
-    space, 5 busy.
+    space, 5 busy, 130 interrupted (SIGINT), 141 stdout's reader went away, 143 terminated.
     """
     global DEBUG
     DEBUG = DEBUG or debug
