@@ -73,11 +73,12 @@ def tp_terminal(home: Path, *args: str, answer: bytes | int = b"", timeout: floa
     try:
         p = subprocess.Popen([*THINPOOL, "--home", str(home), *args], stdin=slave,
                              stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
-                             close_fds=True)
+                             close_fds=True, preexec_fn=default_sigint)
     finally:
         os.close(slave)
     shown = b""
     typed = False
+    signalled = 0.0
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -93,13 +94,24 @@ def tp_terminal(home: Path, *args: str, answer: bytes | int = b"", timeout: floa
                 if not typed and b"[y/N]" in shown:
                     if isinstance(answer, int):
                         p.send_signal(answer)
+                        signalled = time.monotonic()
                     else:
                         os.write(master, answer)
                     typed = True
             elif p.poll() is not None:
                 break
+            elif isinstance(answer, int) and typed and time.monotonic() - signalled > 0.2:
+                # A signal that lands just before the read of the answer starts only takes
+                # effect at the next input (CPython's read loop): press Ctrl-C again, as a
+                # person would.
+                p.send_signal(answer)
+                signalled = time.monotonic()
+        try:
+            code = p.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = p.wait()
         out = p.stdout.read()
-        code = p.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
         if p.poll() is None:
             p.kill()
@@ -107,3 +119,11 @@ def tp_terminal(home: Path, *args: str, answer: bytes | int = b"", timeout: floa
         p.stdout.close()
         os.close(master)
     return code, out, shown.decode(errors="replace")
+
+
+def default_sigint() -> None:
+    """For a child's ``preexec_fn``: SIGINT as a terminal delivers it. A shell starts background
+    jobs with SIGINT ignored, and an ignored signal stays ignored across exec (Python then
+    installs no handler), so a test run in the background would otherwise see no interrupt."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

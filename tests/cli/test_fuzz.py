@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 import pytest
 
-from tests.cli.helpers import THINPOOL, clean_env
+from tests.cli.helpers import THINPOOL, clean_env, default_sigint
 from tests.cli.test_bad_input import World
 from tests.tptools import assert_checks_pass, requires_tools
 from thinpool import Pool
@@ -246,7 +246,8 @@ def test_sigint_mid_run(world):
         reads = _volume_bytes(world.home)
         p = subprocess.Popen([*THINPOOL, "--home", str(world.home), *argv],
                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, env=clean_env())
+                             stderr=subprocess.PIPE, env=clean_env(),
+                             preexec_fn=default_sigint)
         try:
             p.stdin.write(b"y" * 1000)
             p.stdin.flush()

@@ -24,6 +24,7 @@ from tests.cli.helpers import (
     THINPOOL,
     assert_one_line_error,
     clean_env,
+    default_sigint,
     fingerprint,
     tp,
     tp_terminal,
@@ -204,7 +205,7 @@ def test_signal_mid_run(home, demo, sig, code, word):
     before = fingerprint(demo)
     p = subprocess.Popen([*THINPOOL, "--home", str(home), "write", "demo/vol0"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=clean_env())
+                         env=clean_env(), preexec_fn=default_sigint)
     p.stdin.write(b"x" * 1000)
     p.stdin.flush()
     _wait_for_lock(demo, p)
