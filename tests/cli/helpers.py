@@ -69,11 +69,12 @@ def tp_terminal(home: Path, *args: str, answer: bytes | int = b"", timeout: floa
     import select
     import time
 
+    default_sigint()
     master, slave = pty.openpty()
     try:
         p = subprocess.Popen([*THINPOOL, "--home", str(home), *args], stdin=slave,
                              stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
-                             close_fds=True, preexec_fn=default_sigint)
+                             close_fds=True)
     finally:
         os.close(slave)
     shown = b""
@@ -122,8 +123,10 @@ def tp_terminal(home: Path, *args: str, answer: bytes | int = b"", timeout: floa
 
 
 def default_sigint() -> None:
-    """For a child's ``preexec_fn``: SIGINT as a terminal delivers it. A shell starts background
-    jobs with SIGINT ignored, and an ignored signal stays ignored across exec (Python then
-    installs no handler), so a test run in the background would otherwise see no interrupt."""
+    """Make sure children started from here get SIGINT as a terminal delivers it. A shell
+    starts background jobs with SIGINT ignored, and an ignored signal stays ignored across
+    fork and exec (Python then installs no handler), so a test run in the background would see
+    no interrupt; a handled signal is reset to its default in the child."""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -244,10 +244,10 @@ def test_sigint_mid_run(world):
         argv = world.expand(argv_for(cmd, base_values(cmd)))
         before = world.fingerprint()
         reads = _volume_bytes(world.home)
+        default_sigint()
         p = subprocess.Popen([*THINPOOL, "--home", str(world.home), *argv],
                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, env=clean_env(),
-                             preexec_fn=default_sigint)
+                             stderr=subprocess.PIPE, env=clean_env())
         try:
             p.stdin.write(b"y" * 1000)
             p.stdin.flush()

@@ -191,9 +191,10 @@ def test_reader_going_away_is_quiet_141(home, demo):
 
 
 def test_closed_stdout(home, demo):
-    r = subprocess.run([*THINPOOL, "--home", str(home), "read", "demo/vol0"], stdout=None,
-                       stderr=subprocess.PIPE, env=clean_env(), timeout=60, check=False,
-                       preexec_fn=lambda: os.close(1))
+    # `>&-`: the shell closes descriptor 1 before it runs thinpool
+    r = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *THINPOOL, "--home", str(home),
+                        "read", "demo/vol0"], stderr=subprocess.PIPE, env=clean_env(),
+                       timeout=60, check=False)
     err = r.stderr.decode()
     assert r.returncode == 1 and "closed" in err and err.count("\n") == 1, err
 
@@ -203,9 +204,10 @@ def test_closed_stdout(home, demo):
 def test_signal_mid_run(home, demo, sig, code, word):
     """The write spools stdin first: the signal lands while it waits for more input."""
     before = fingerprint(demo)
+    default_sigint()
     p = subprocess.Popen([*THINPOOL, "--home", str(home), "write", "demo/vol0"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=clean_env(), preexec_fn=default_sigint)
+                         env=clean_env())
     p.stdin.write(b"x" * 1000)
     p.stdin.flush()
     _wait_for_lock(demo, p)

@@ -9,6 +9,8 @@ Layout:
 * ``volumes.py`` snapshot, delete
 * ``info.py``    stat, list
 * ``data.py``    write, read, import, export
+* ``safety.py``  what commands check before they write a file they are given (a pool's own
+                 files are refused, a non-empty output needs a yes) and how they write it
 
 A command module registers its commands on :data:`app.cli` when imported; to add a group of
 commands, add a module and its name to :data:`COMMAND_MODULES`.
