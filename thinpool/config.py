@@ -36,6 +36,9 @@ class PoolOptions:
             raise InvalidArgument(f"no-space timeout {self.no_space_timeout!r} must be 0 or more seconds")
         if not isinstance(self.low_water_blocks, int) or self.low_water_blocks < 0:
             raise InvalidArgument(f"low-water mark {self.low_water_blocks!r} must be 0 or more blocks")
+        hook = self.low_water_hook
+        if hook is not None and (not isinstance(hook, str) or "\0" in hook or not _utf8(hook)):
+            raise InvalidArgument(f"low-water hook {hook!r} must be UTF-8 text without NUL")
         return self
 
 
@@ -62,6 +65,14 @@ def read_config(path) -> records.Read:
             f"(see the README, 'Damaged pool records'), then run 'thinpool check {path.name}'",
             str(path / CONFIG_NAME))
     return got
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:          # lone surrogates: bytes from argv that are not UTF-8
+        return False
+    return True
 
 
 def _read_config(path: Path) -> dict:

@@ -9,7 +9,6 @@ by ``Pool.create``. Sizes follow the kernel's guidance (``default_metadata_size`
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +43,34 @@ def check_metadata_size(size: int) -> int:
     return size
 
 
+def max_data_size(block_size: int) -> int:
+    """The largest data size a pool of ``block_size`` blocks can have: 2**40 blocks, and no
+    more than a file or device can hold (2**63 - 1 bytes), in whole blocks."""
+    return min(fmt.MAX_DATA_BLOCK + 1, fmt.MAX_DATA_DEVICE_SIZE // block_size) * block_size
+
+
+def check_data_size(size: int, block_size: int) -> int:
+    limit = max_data_size(block_size)
+    if size > limit:
+        raise InvalidArgument(f"data size {size} is above the maximum of {limit} bytes for "
+                              f"{block_size // 1024} KiB blocks (2**40 blocks, and at most "
+                              f"8 EiB in a file or device)")
+    return size
+
+
+def check_volume_size(size) -> int:
+    """A volume's size: a whole number of bytes above zero, at most MAX_VOLUME_SIZE (8 EiB less
+    one sector, see metadata/format.py)."""
+    _int_arg("volume size", size)
+    if size == 0:
+        raise InvalidArgument("a volume needs a size above zero")
+    if size > fmt.MAX_VOLUME_SIZE:
+        raise InvalidArgument(f"volume size {size} is above the maximum of {fmt.MAX_VOLUME_SIZE} "
+                              f"bytes (8 EiB less one sector: a block device's size is a signed "
+                              f"64-bit number of bytes)")
+    return size
+
+
 def check_block_size(block_size: int) -> int:
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size % fmt.SECTOR_SIZE:
         raise InvalidArgument(f"block size {block_size!r} is not a whole number of 512-byte sectors")
@@ -69,6 +96,7 @@ def make_pool_files(path, data_size: int | None, block_size: int, metadata_size:
         raise InvalidArgument(str(e)) from None
     if data_size is not None:
         _int_arg("data size", data_size)
+        check_data_size(data_size, block_size)
     if metadata_size is not None:
         _int_arg("metadata size", metadata_size)
         check_metadata_size(metadata_size)
@@ -80,6 +108,11 @@ def make_pool_files(path, data_size: int | None, block_size: int, metadata_size:
     for p in (data_path, metadata_path):
         if p is not None and Path(p).is_dir():
             raise InvalidArgument(f"{p} is a directory, not a file or block device")
+    if data_path is not None and metadata_path is not None:
+        from .ownership import file_id
+        if file_id(data_path) is not None and file_id(data_path) == file_id(metadata_path):
+            raise InvalidArgument(f"data {data_path} and metadata {metadata_path} are the same "
+                                  f"file or device")
     made: list[Path] = []
     made_dir = not path.exists()
     try:
@@ -90,10 +123,10 @@ def make_pool_files(path, data_size: int | None, block_size: int, metadata_size:
             with DataDevice.open(dpath, block_size) as dev:
                 if data_size is None:
                     data_size = dev.size
-                elif data_size > dev.size:
-                    if dev.is_block_device:
-                        raise InvalidArgument(f"data device {dpath} is smaller than {data_size} bytes")
-                    dev.grow(data_size)
+                elif data_size > dev.size:      # a given file or device is never grown
+                    kind = "device" if dev.is_block_device else "file"
+                    raise InvalidArgument(f"data {kind} {dpath} holds {dev.size} bytes, less "
+                                          f"than the {data_size} asked for (it is not grown)")
         else:
             if data_size < block_size:
                 raise InvalidArgument(f"data size {data_size} is smaller than one block ({block_size} bytes)")
@@ -106,8 +139,10 @@ def make_pool_files(path, data_size: int | None, block_size: int, metadata_size:
         mpath = Path(metadata_path) if metadata_path is not None else path / "metadata"
         if mpath.exists():
             _refuse_live_metadata(mpath)
-            if metadata_size is not None and mpath.is_file() and mpath.stat().st_size < metadata_size:
-                os.truncate(mpath, metadata_size)
+            have = mpath.stat().st_size if mpath.is_file() else None
+            if metadata_size is not None and have is not None and have < metadata_size:
+                raise InvalidArgument(f"metadata file {mpath} holds {have} bytes, less than the "
+                                      f"{metadata_size} asked for (it is not grown)")
         else:
             msize = metadata_size if metadata_size is not None else default_metadata_size(nr_data_blocks)
             msize = -(-msize // fmt.BLOCK_SIZE) * fmt.BLOCK_SIZE

@@ -6,7 +6,8 @@ and that code without knowing the class. Errors keep their evidence as attribute
 expected and found values) so tools and tests can inspect them, not only read the message.
 
 Exit codes (see DESIGN.md): 0 success, 1 failure, 2 bad usage or argument, 3 metadata corrupt,
-4 out of space, 5 busy.
+4 out of space, 5 busy. The command line adds 130 (SIGINT), 141 (stdout's reader went away) and
+143 (SIGTERM): see ``thinpool.cli.EXIT_CODES``.
 """
 
 from __future__ import annotations

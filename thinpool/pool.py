@@ -90,7 +90,8 @@ from .volume import Volume
 from .config import (PoolOptions, _read_config, _write_json, pool_files,  # noqa: F401
                      read_config, settle_config)
 from .creation import (DEFAULT_BLOCK_SIZE, _int_arg, check_block_size,  # noqa: F401 (API)
-                       check_metadata_size, default_metadata_size, make_pool_files)
+                       check_data_size, check_metadata_size, check_volume_size,
+                       default_metadata_size, make_pool_files)
 from .locking import (READERS_LOCK_NAME, MetadataLock as _Lock, ReadersLock, process_command,
                       writer_of)
 from .paths import CONFIG_NAME, NAMES_NAME
@@ -586,9 +587,7 @@ class Pool:
     def create_thin(self, name: str, size: int) -> Volume:
         """A new, empty thin volume of ``size`` bytes (may exceed the pool)."""
         check_name(name)
-        _int_arg("volume size", size)
-        if size == 0:
-            raise InvalidArgument("a volume needs a size above zero")
+        check_volume_size(size)
         with self._guard():
             self._check_writable()
             self._check_new_name(name)
@@ -619,9 +618,7 @@ class Pool:
         """Grow or shrink a volume. Shrinking unmaps every whole block past the new end; growing
         first makes the bytes past the old end read as zeros (a shrink may have left its last
         block's tail behind), so the grown part always reads as zeros."""
-        _int_arg("volume size", size)
-        if size == 0:
-            raise InvalidArgument("a volume needs a size above zero")
+        check_volume_size(size)
         with self._guard():
             self._check_writable()
             e = self._entry(name)
@@ -664,6 +661,7 @@ class Pool:
         nr = None
         if data_size is not None:
             _int_arg("data size", data_size)
+            check_data_size(data_size, self.block_size)
             nr = data_size // self.block_size
             if nr < meta.nr_data_blocks:
                 raise InvalidArgument(

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from thinpool import Pool
-from tests.cli.helpers import THINPOOL, assert_one_line_error, clean_env, fingerprint, tp
+from tests.cli.helpers import (THINPOOL, assert_one_line_error, clean_env, fingerprint, tp,
+                               tp_terminal)
 from tests.holder import pool_held_elsewhere
 from tests.tptools import assert_checks_pass
 from tests.tptools import requires_tools
@@ -108,7 +109,10 @@ def test_resize_delete_destroy(home, demo):
     assert doc["data_blocks_total"] * BS == 32 * MiB          # committed: a new process sees it
     assert doc["metadata_blocks_total"] * 4096 == 4 * MiB
     assert doc["volumes"][0]["size"] == 2 * MiB
-    r = tp(home, "resize", "demo/vol0", "--size", "64K", check=0)   # shrinking drops the rest
+    r = tp(home, "resize", "demo/vol0", "--size", "64K")    # shrinking drops data: asks first
+    assert_one_line_error(r, 1, "Shrink volume demo/vol0", "--yes")
+    assert tp(home, "read", "demo/vol0", "--length", "100K", check=0).stdout == demo
+    r = tp(home, "resize", "demo/vol0", "--size", "64K", "--yes", check=0)
     assert "discarded" in r.stderr
     assert tp(home, "read", "demo/vol0", check=0).stdout == demo[:BS]
     assert tp(home, "read", "demo/snap0", "--length", "100K", check=0).stdout == demo
@@ -121,9 +125,14 @@ def test_resize_delete_destroy(home, demo):
     assert doc["volumes"][0]["origin"] is None
     check_metadata(home / "demo")
 
-    r = tp(home, "destroy", "demo", input="n\n", check=1)
+    code, _, shown = tp_terminal(home, "destroy", "demo", answer=b"n\n")
+    assert code == 1 and "[y/N]" in shown and "not confirmed" in shown, shown
     assert (home / "demo" / "metadata").exists()
-    r = tp(home, "destroy", "demo", input="y\n", check=0)
+    r = tp(home, "destroy", "demo", input="y\n")       # piped input is not an answer
+    assert_one_line_error(r, 1, "--yes")
+    assert (home / "demo" / "metadata").exists()
+    code, _, shown = tp_terminal(home, "destroy", "demo", answer=b"y\n")
+    assert code == 0, shown
     assert not (home / "demo").exists()
     assert json.loads(tp(home, "list", "--json", check=0).stdout) == []
 
@@ -315,8 +324,8 @@ def test_import_export_round_trip_is_sparse(home, tmp_path):
     doc = json.loads(tp(home, "stat", "p/v", "--json", check=0).stdout)
     assert doc["mapped_blocks"] == nonzero_blocks          # zero runs and holes not written
     out = tmp_path / "out.img"
-    out.write_bytes(b"old contents")                       # export truncates
-    r = tp(home, "export", "p/v", str(out), check=0)
+    out.write_bytes(b"old contents")                       # export replaces it (--yes)
+    r = tp(home, "export", "p/v", str(out), "--yes", check=0)
     assert r.stderr == ""
     assert out.read_bytes() == want
     nonzero_pages = sum(1 for p in range(0, size, 4096) if any(want[p:p + 4096]))

@@ -279,13 +279,8 @@ def test_restore_into_too_small_output_leaves_no_valid_looking_metadata(tmp_path
     out = tmp_path / "tiny.meta"
     r = tp(home, "restore", "-i", str(src), "-o", str(out), "--metadata-size", "64K")
     assert_one_line_error(r, 4, "too small")
-    # The new file is left behind, but its superblock is zeroed: nothing takes it for a pool.
-    assert out.exists()
-    with open(out, "rb") as f:
-        assert f.read(META_BLOCK) == bytes(META_BLOCK)
-    assert thin_check(out).returncode != 0
-    r = tp(home, "check", str(out))
-    assert r.returncode == 3 and "superblock" in r.out and "Traceback" not in r.stderr, r.out
+    # The new file it made is removed again: nothing half written is left behind.
+    assert not out.exists()
 
     # The same into an existing small file: the superblock is zeroed there too.
     existing = tmp_path / "existing.meta"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,12 +310,21 @@ def warn_if_overcommitted(pool: "Pool") -> None:
 
 
 def confirm(question: str, yes: bool) -> None:
-    """Ask ``question`` on the terminal unless ``yes``; raise NotConfirmed on anything but yes."""
+    """Ask ``question`` on the terminal unless ``yes``; raise NotConfirmed on anything but yes.
+
+    Only a terminal is asked: with stdin not a terminal (a script, a pipe) and no ``yes`` the
+    answer is no, so piped data is never taken for consent. Ctrl-C at the question is an
+    interrupt (exit 130)."""
     if yes:
         return
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise NotConfirmed(f"{question.rstrip('?')}: not without a terminal to ask on; "
+                           f"nothing was changed (pass --yes to go ahead)")
     try:
         ok = click.confirm(question, default=False, err=True)
-    except click.Abort:
+    except click.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None
         output.echo_err()
         ok = False
     if not ok:
@@ -340,7 +350,7 @@ def cli(ctx: click.Context, home: Path | None, debug: bool) -> None:
     sectors).
 
     Exit codes: 0 success, 1 failure, 2 bad usage or argument, 3 metadata corrupt, 4 out of
-    space, 5 busy.
+    space, 5 busy, 130 interrupted (SIGINT), 141 stdout's reader went away, 143 terminated.
     """
     global DEBUG
     DEBUG = DEBUG or debug

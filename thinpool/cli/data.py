@@ -42,6 +42,7 @@ from thinpool.units import format_size
 
 from . import output
 from .app import SIZE, VOLUME, Session, Target, cli, get_volume, pass_session
+from .safety import confirm_overwrite, refuse_pool_file, replacing
 
 CHUNK = 4 << 20            # bytes per read/write; a multiple of every block size up to 4 MiB
 PAGE = 4096                # export's hole granularity (the usual file system block)
@@ -67,6 +68,9 @@ def write(session: Session, target: Target, offset: int) -> None:
       echo hello | thinpool write demo/vol0
       thinpool write demo/vol0 --offset 1M < file
     """
+    if sys.stdin is None:
+        raise InvalidArgument(f"stdin is closed; pipe the data in, e.g. "
+                              f"'thinpool write {target} < FILE'")
     if sys.stdin.isatty():
         raise InvalidArgument("stdin is a terminal; pipe the data in, e.g. "
                               f"'thinpool write {target} < FILE'")
@@ -374,12 +378,15 @@ def _nonzero_runs(buf: bytes, granule: int) -> list[tuple[int, int]]:
 @cli.command()
 @click.argument("target", metavar="POOL/NAME", type=VOLUME)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--yes", "-y", is_flag=True, help="Overwrite an existing FILE without asking.")
 @pass_session
-def export(session: Session, target: Target, file: Path) -> None:
-    """Copy a volume into a sparse FILE (created or truncated).
+def export(session: Session, target: Target, file: Path, yes: bool) -> None:
+    """Copy a volume into a sparse FILE (created, or replaced once it is complete).
 
     Only mapped blocks are read and only their non-zero 4 KiB pages are written, so FILE takes
-    no more space than the data in it.
+    no more space than the data in it. An existing FILE that is not empty is replaced only after
+    a yes on the terminal (or with --yes), and only when the export is complete. A pool's own
+    files are refused.
 
     \b
       thinpool export demo/vol0 vol0.img
@@ -387,15 +394,13 @@ def export(session: Session, target: Target, file: Path) -> None:
     if file.exists() and not file.is_file():
         raise InvalidArgument(f"{file} is not a regular file; export writes a sparse file "
                               f"(for a device, use 'thinpool read {target} > DEVICE')")
+    refuse_pool_file(session, file, "the export file")
     with session.pool(target.pool) as pool:
         vol = get_volume(pool, target)
-        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        try:
+        confirm_overwrite(file, yes, f" with volume {target}")
+        with replacing(file) as fd:
             os.ftruncate(fd, vol.size)
             written = _export(fd, vol, pool.block_size, f"export {target}")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     output.echo(f"exported {target} ({format_size(vol.size)}) to {file}: "
                 f"{format_size(written)} of data written, the rest left as holes")
 

@@ -153,7 +153,7 @@ def _show_pool(st: dict) -> None:
         *([("degraded", st["degraded"])] if st.get("degraded") else []),
     ])
     if not st["volumes"]:
-        output.echo("  no volumes")
+        output.line("  no volumes")
         return
     output.table(None, [("name", "left"), ("dev id", "right"), ("virtual size", "right"),
                         ("mapped", "right"), ("mapped %", "right"), ("exclusive", "right"),

@@ -6,18 +6,25 @@ report one line. ``create`` and ``resize`` take either ``POOL`` or ``POOL/NAME``
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import stat as stat_mod
 from pathlib import Path
 
 import click
 
 from thinpool.config import pool_files
-from thinpool.errors import AlreadyExists, InvalidArgument, MetadataError, PoolDamaged, ThinpoolError
-from thinpool.units import format_size
+from thinpool.errors import (AlreadyExists, InvalidArgument, MetadataError, PoolDamaged,
+                             ThinpoolError)
+from thinpool.ownership import file_id
+from thinpool.paths import CONFIG_NAME
+from thinpool.units import SECTOR_SIZE, format_size
 
 from . import output
 from .app import (SIZE, TARGET, POOL, Session, Target, cli, confirm, get_volume, pass_session,
                   refuse_existing_volume, warn_if_overcommitted)
+from .safety import refuse_in_use
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 
@@ -111,31 +118,108 @@ def _create_pool(session: Session, name: str, size: int | None, block_size: int 
     if size is None and data_path is None:
         raise click.UsageError("a new pool needs --size (or --data naming an existing file "
                                "or block device)")
-    if size is not None and size < bs:
-        raise InvalidArgument(f"--size {format_size(size)} is smaller than one data block "
-                              f"({format_size(bs)}); give at least --size {format_size(bs)}")
     for opt, p in (("--data", data_path), ("--metadata", metadata_path)):
         if p is not None and not p.exists():
             raise InvalidArgument(f"{opt} {p} does not exist; give an existing file or block "
                                   f"device, or leave {opt} out for a sparse file in the pool")
+        if p is not None:
+            refuse_in_use(session, p, opt)
+    if (data_path is not None and metadata_path is not None
+            and file_id(data_path) == file_id(metadata_path)):
+        raise InvalidArgument(f"--data {data_path} and --metadata {metadata_path} are the same "
+                              f"file; give two different ones")
     path = session.pool_path(name)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise AlreadyExists(f"pool {name!r} exists already in {session.home}; choose another "
                             f"name, or remove it with 'thinpool destroy {name}'")
+    size, notice = _pool_data_size(size, bs, data_path)
     with Pool.create(path, data_size=size, block_size=bs, metadata_size=metadata_size,
                      data_path=data_path, metadata_path=metadata_path, **(options or {})) as pool:
         st = pool.stat()
+    if notice:
+        output.note(notice)
     output.echo(f"created pool {name} in {path}: {format_size(st.data_blocks_total * bs)} of data "
                 f"in {st.data_blocks_total} blocks of {format_size(bs)}, "
                 f"{format_size(st.metadata_blocks_total * 4096)} of metadata")
 
 
+def _blocks(n: int, bs: int) -> str:
+    return f"{format_size(n)} ({n // bs} block{'' if n // bs == 1 else 's'} of {format_size(bs)})"
+
+
+def _pool_data_size(size: int | None, bs: int, data_path: Path | None) -> tuple[int, str | None]:
+    """The data size a new pool gets, in whole blocks, and a notice when it differs from what
+    was asked (printed once the pool is made). A new data file: --size rounded up. A given file or device is never grown: without
+    --size all of it (rounded down), with --size that much if it holds it."""
+    from thinpool.creation import max_data_size
+    if data_path is None:
+        if size < bs:
+            raise InvalidArgument(f"--size {format_size(size)} is smaller than one data block "
+                                  f"({format_size(bs)}); give at least --size {format_size(bs)}")
+        limit = max_data_size(bs)
+        if size > limit:
+            raise InvalidArgument(f"--size {format_size(size)} is more than a pool of "
+                                  f"{format_size(bs)} blocks can have ({format_size(limit)})")
+        used = min(-(-size // bs) * bs, limit)
+        return used, None if used == size else f"pool size rounded up to {_blocks(used, bs)}"
+    have = _device_size(data_path)
+    kind = "block device" if stat_mod.S_ISBLK(os.stat(data_path).st_mode) else "file"
+    whole = have - have % bs
+    if whole < bs:
+        raise InvalidArgument(f"--data {data_path} holds {format_size(have)}, less than one data "
+                              f"block ({format_size(bs)})")
+    if size is None:
+        return whole, None if whole == have else (
+            f"using {_blocks(whole, bs)} of the {format_size(have)} of {kind} {data_path} "
+            f"(whole blocks only)")
+    if size > have:
+        grow = ("a block device does not grow: give a smaller --size or a larger device"
+                if kind == "block device" else
+                f"thinpool does not grow a given file: leave out --size to use all of it, or "
+                f"grow it first (truncate -s {size} {data_path})")
+        raise InvalidArgument(f"--size {format_size(size)} is more than --data {data_path} holds "
+                              f"({format_size(have)}); {grow}")
+    if size < bs:
+        raise InvalidArgument(f"--size {format_size(size)} is smaller than one data block "
+                              f"({format_size(bs)}); give at least --size {format_size(bs)}")
+    used = -(-size // bs) * bs
+    if used > have:
+        return whole, (f"pool size rounded down to {_blocks(whole, bs)}: --data {data_path} "
+                       f"holds only {format_size(have)}")
+    return used, None if used == size else f"pool size rounded up to {_blocks(used, bs)}"
+
+
+def _device_size(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidArgument(f"cannot open {path}: {e.strerror}") from None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def round_volume_size(size: int) -> tuple[int, str | None]:
+    """A volume's size in whole 512-byte sectors (rounded up), within the limit, and a notice
+    when that differs from ``size`` (printed once the command succeeded)."""
+    from thinpool.creation import check_volume_size
+    check_volume_size(size)
+    used = -(-size // SECTOR_SIZE) * SECTOR_SIZE
+    if used == size:
+        return size, None
+    check_volume_size(used)
+    return used, (f"volume size rounded up to {format_size(used)} ({used} bytes: whole "
+                  f"512-byte sectors)")
+
+
 def _create_volume(session: Session, target: Target, size: int) -> None:
-    if size == 0:
-        raise InvalidArgument("a volume needs a size above zero, e.g. --size 10G")
+    size, notice = round_volume_size(size)
     with session.pool(target.pool, write=True) as pool:
         refuse_existing_volume(pool, target)
         vol = pool.create_thin(target.volume, size)
+        if notice:
+            output.note(notice)
         output.echo(f"created volume {target} of {format_size(vol.size)} (device id {vol.dev_id})")
         warn_if_overcommitted(pool)
 
@@ -178,26 +262,34 @@ def configure(session: Session, target: Target, error_if_no_space, no_space_time
 @click.option("--size", type=SIZE, help="New data size of a pool (grow only) or new virtual "
               "size of a volume.")
 @click.option("--metadata-size", type=SIZE, help="New metadata size of a pool (grow only).")
+@click.option("--yes", "-y", is_flag=True, help="Shrink a volume without asking.")
 @pass_session
-def resize(session: Session, target: Target, size: int | None, metadata_size: int | None) -> None:
+def resize(session: Session, target: Target, size: int | None, metadata_size: int | None,
+           yes: bool) -> None:
     """Grow a pool, or grow or shrink a volume.
 
-    A pool's data (--size) and metadata (--metadata-size) only grow.
+    A pool's data (--size) and metadata (--metadata-size) only grow. Shrinking a volume drops
+    its data past the new end: it asks first on a terminal and needs --yes otherwise.
 
     \b
       thinpool resize demo --size 20G         pools only grow
-      thinpool resize demo/vol0 --size 200G   shrinking a volume drops the data past its new end
+      thinpool resize demo/vol0 --size 200G
+      thinpool resize demo/vol0 --size 1G --yes   shrinking drops the data past the new end
     """
     if target.volume is not None:
         if metadata_size is not None:
             raise click.UsageError("--metadata-size applies to pools, not to volumes")
         if size is None:
             raise click.UsageError("give the volume's new --size")
-        if size == 0:
-            raise InvalidArgument("a volume needs a size above zero")
+        size, notice = round_volume_size(size)
         with session.pool(target.pool, write=True) as pool:
             old = get_volume(pool, target).size
+            if size < old:
+                confirm(f"Shrink volume {target} from {format_size(old)} to "
+                        f"{format_size(size)}, dropping its data past {format_size(size)}?", yes)
             vol = pool.resize_volume(target.volume, size)
+            if notice:
+                output.note(notice)
             output.echo(f"resized volume {target} from {format_size(old)} to "
                         f"{format_size(vol.size)}")
             if size < old:
@@ -210,6 +302,10 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
     with session.pool(target.pool, write=True) as pool:
         st = pool.stat()
         bs = st.block_size
+        notice = None
+        if size is not None and size % bs:
+            size = -(-size // bs) * bs
+            notice = f"pool size rounded up to {_blocks(size, bs)}"
         old_data = st.data_blocks_total * bs
         old_meta = st.metadata_blocks_total * 4096
         if size is not None and size // bs < st.data_blocks_total:
@@ -223,6 +319,8 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
                 f"to {format_size(metadata_size)} (dm-thin metadata only grows)")
         pool.resize(data_size=size, metadata_size=metadata_size)
         st = pool.stat()
+    if notice:
+        output.note(notice)
     new_data = st.data_blocks_total * bs
     new_meta = st.metadata_blocks_total * 4096
     if new_data == old_data and new_meta == old_meta:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import click
@@ -27,6 +25,13 @@ from thinpool.units import format_size
 
 from . import output
 from .app import POOL, SIZE, Session, Target, cli, pass_session
+from .safety import (
+    confirm_overwrite,
+    os_error,
+    refuse_pool_file,
+    removed_on_failure,
+    replacing,
+)
 
 
 class Source:
@@ -161,10 +166,10 @@ def check(session: Session, target: str, as_json: bool, quiet: bool) -> int:
         output.emit_json(report.as_dict())
     elif not quiet:
         for f in report.findings:
-            (output.echo if f.severity == "error" else output.note)(
+            (output.line if f.severity == "error" else output.note)(
                 f"{'error' if f.severity == 'error' else 'note'}: {f}")
         status = "clean" if report.clean else f"{len(report.errors)} problem(s) found"
-        output.echo(f"{target}: {status}; transaction id {report.transaction_id}, "
+        output.line(f"{target}: {status}; transaction id {report.transaction_id}, "
                     f"{report.nr_devices} device(s), {report.nr_mappings} mapping(s)")
     return 0 if report.clean else 3
 
@@ -190,9 +195,13 @@ def _report_unmapped(pool, target: str, report) -> None:
 @click.option("-o", "--output", "output_", required=True, type=click.Path(dir_okay=False),
               help="Where to write the repaired metadata (a new file, or an existing file or device).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--yes", "-y", is_flag=True, help="Overwrite an existing output without asking.")
 @pass_session
-def repair(session: Session, input_: str, output_: str, as_json: bool) -> int:
+def repair(session: Session, input_: str, output_: str, as_json: bool, yes: bool) -> int:
     """Rebuild clean metadata from everything still readable; never writes the input.
+
+    An existing output that is not empty is overwritten only after a yes on the terminal (or
+    with --yes); a pool's own files are refused as the output.
 
     \b
       thinpool repair -i demo -o /tmp/demo-meta.repaired
@@ -205,7 +214,10 @@ def repair(session: Session, input_: str, output_: str, as_json: bool) -> int:
         path = input_
         if not os.path.exists(path):
             raise NotFound(f"{input_!r} is neither a pool nor a metadata file or device")
-    report = run_repair(path, output_)
+    refuse_pool_file(session, output_, "the repair output")
+    confirm_overwrite(output_, yes, " with the repaired metadata")
+    with removed_on_failure(output_):
+        report = run_repair(path, output_)
     if as_json:
         output.emit_json(report.as_dict())
         return 0
@@ -223,16 +235,20 @@ def repair(session: Session, input_: str, output_: str, as_json: bool) -> int:
 @click.option("--dev-id", "dev_ids", multiple=True, help="Only this device (name or id); repeatable.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Write here, not stdout.")
 @META_SNAP
+@click.option("--yes", "-y", is_flag=True, help="Overwrite an existing -o file without asking.")
 @pass_session
 def dump(session: Session, target: str, fmt: str, dev_ids: tuple[str, ...], out: str | None,
-         metadata_snap: bool) -> None:
+         metadata_snap: bool, yes: bool) -> None:
     """Dump metadata as thin_dump's XML (byte for byte) or as JSON.
 
     \b
       thinpool dump demo > demo.xml
       thinpool dump demo --format json --dev-id vol0
     """
-    from thinpool.tools.dump import JsonEmitter, XmlEmitter, dump as run_dump
+    from thinpool.tools.dump import JsonEmitter, XmlEmitter
+    from thinpool.tools.dump import dump as run_dump
+    if out:
+        refuse_pool_file(session, out, "the dump output")
     with source(session, target, metadata_snap) as src:
         ids = [src.dev_id(d) for d in dev_ids] or None
         with _reader(src, metadata_snap) as reader:
@@ -243,12 +259,14 @@ def dump(session: Session, target: str, fmt: str, dev_ids: tuple[str, ...], out:
                          progress=bar.advance)
     text = buf.getvalue()
     if out:
-        try:
-            Path(out).write_text(text)
-        except OSError as e:
-            raise InvalidArgument(f"cannot write {out}: {e.strerror}") from None
+        confirm_overwrite(out, yes, " with the dump")
+        data = text.encode()
+        with replacing(out) as fd:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
     else:
-        sys.stdout.write(text)
+        output.write_text(text)
 
 
 @cli.command()
@@ -257,29 +275,42 @@ def dump(session: Session, target: str, fmt: str, dev_ids: tuple[str, ...], out:
 @click.option("-o", "--output", "output_", required=True,
               help="Metadata file or device to write (a new file is made sparse).")
 @click.option("--metadata-size", type=SIZE, help="Size for a new output file [default: enough].")
+@click.option("--yes", "-y", is_flag=True, help="Overwrite an existing output without asking.")
 @pass_session
-def restore(session: Session, input_: str, output_: str, metadata_size: int | None) -> None:
+def restore(session: Session, input_: str, output_: str, metadata_size: int | None,
+            yes: bool) -> None:
     """Write fresh metadata from a dump; trees are built bottom up.
+
+    An existing output that is not empty is overwritten only after a yes on the terminal (or
+    with --yes); a pool's own files are refused as the output.
 
     \b
       thinpool restore -i demo.xml -o /tmp/meta.img
     """
     from thinpool.metadata.block import create_metadata_file
-    from thinpool.tools.restore import parse_dump, restore as run_restore
+    from thinpool.tools.restore import parse_dump
+    from thinpool.tools.restore import restore as run_restore
     if _is_pool(session, output_):
         raise InvalidArgument(f"{output_!r} is a pool; restore writes a metadata file or device "
                               f"(give a path)")
+    refuse_pool_file(session, output_, "the restore output")
+    if metadata_size is not None:
+        from thinpool.creation import check_metadata_size
+        check_metadata_size(metadata_size)
     img = parse_dump(input_)
-    if not os.path.exists(output_):
-        size = metadata_size or max(4 << 20, 64 * img.nr_mappings + 64 * len(img.devices) * 4096
-                                    + (img.nr_data_blocks // 16320 + 8) * 8192)
-        try:
-            create_metadata_file(output_, size)
-        except OSError as e:
-            raise InvalidArgument(f"cannot create {output_}: {e.strerror}") from None
-    from thinpool.locking import lock_metadata
-    with lock_metadata(output_):         # never under a pool that has it open
-        run_restore(img, output_)
+    confirm_overwrite(output_, yes, " with the restored metadata")
+    with removed_on_failure(output_):
+        if not os.path.exists(output_):
+            size = metadata_size or max(4 << 20, 64 * img.nr_mappings
+                                        + 64 * len(img.devices) * 4096
+                                        + (img.nr_data_blocks // 16320 + 8) * 8192)
+            try:
+                create_metadata_file(output_, size)
+            except OSError as e:
+                raise os_error(e, output_, "create") from None
+        from thinpool.locking import lock_metadata
+        with lock_metadata(output_):         # never under a pool that has it open
+            run_restore(img, output_)
     output.echo(f"restored {len(img.devices)} device(s) and {img.nr_mappings} mapping(s) to {output_}")
 
 
@@ -302,8 +333,13 @@ def ls(session: Session, target: str, fields: str | None, no_headers: bool, as_j
       thinpool ls demo
       thinpool ls demo -o NAME,MAPPED,EXCLUSIVE,SHARED
     """
-    from thinpool.snapshot.accounting import (DEFAULT_LS_FIELDS, LS_FIELDS, device_usage,
-                                              format_grid, ls_value)
+    from thinpool.snapshot.accounting import (
+        DEFAULT_LS_FIELDS,
+        LS_FIELDS,
+        device_usage,
+        format_grid,
+        ls_value,
+    )
     with source(session, target, metadata_snap) as src:
         names = src.names()
         with _reader(src, metadata_snap) as reader:
@@ -328,7 +364,7 @@ def ls(session: Session, target: str, fields: str | None, no_headers: bool, as_j
                           for u in usage])
         return
     rows = [[value(u, f) for f in chosen] for u in usage]
-    sys.stdout.write(format_grid(rows, None if no_headers else chosen))
+    output.write_text(format_grid(rows, None if no_headers else chosen))
 
 
 # -- delta -----------------------------------------------------------------------------------
@@ -347,14 +383,15 @@ def delta(session: Session, target: str, left: str, right: str, fmt: str, verbos
     \b
       thinpool delta demo --snap1 vol0 --snap2 snap0
     """
-    from thinpool.snapshot.delta import delta as run_delta, delta_xml
+    from thinpool.snapshot.delta import delta as run_delta
+    from thinpool.snapshot.delta import delta_xml
     with source(session, target, metadata_snap) as src:
         a, b = src.dev_id(left), src.dev_id(right)
         with _reader(src, metadata_snap) as reader:
             runs = run_delta(reader, a, b, verbose)
             text = delta_xml(reader, a, b, runs, verbose) if fmt == "xml" else None
     if text is not None:
-        sys.stdout.write(text)
+        output.write_text(text)
     else:
         output.emit_json({"left": a, "right": b, "runs": [r.as_dict() for r in runs]})
 
@@ -402,7 +439,7 @@ def metadata_size(block_size: int, pool_size: int, max_thins: int, as_json: bool
         output.emit_json({"metadata_size": size, "block_size": block_size, "pool_size": pool_size,
                           "max_thins": max_thins})
     else:
-        output.echo(f"{format_size(size)} ({size} bytes) of metadata for a {format_size(pool_size)} "
+        output.line(f"{format_size(size)} ({size} bytes) of metadata for a {format_size(pool_size)} "
                     f"pool of {format_size(block_size)} blocks and up to {max_thins} thin devices")
 
 

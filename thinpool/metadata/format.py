@@ -82,6 +82,14 @@ TIME_MASK = (1 << TIME_BITS) - 1
 MAX_DEV_ID = (1 << 24) - 1
 MAX_DATA_BLOCK = (1 << 40) - 1
 
+# Size limits. A thin volume is a block device whose size the kernel keeps in a loff_t (signed
+# 64-bit bytes), and each of its bytes must be addressable by the file calls that read and export
+# it: a volume is at most 2**63 - 512 bytes, 8 EiB less one sector (LVM's limit on 64-bit too).
+# The data device is a file or block device (at most 2**63 - 1 bytes) of at most
+# MAX_DATA_BLOCK + 1 blocks (40-bit block numbers in the mappings).
+MAX_VOLUME_SIZE = (1 << 63) - SECTOR_SIZE
+MAX_DATA_DEVICE_SIZE = (1 << 63) - 1
+
 # Data block size limits (sectors), the kernel's rule.
 MIN_DATA_BLOCK_SECTORS = 128
 MAX_DATA_BLOCK_SECTORS = 2097152
