@@ -105,7 +105,7 @@ def final_checks(pool_dir: Path) -> None:
 
 
 class PoolMachine(RuleBasedStateMachine):
-    max_fill = 300
+    max_fill = 400
     data_blocks = 2048
     most_mapped = 0          # the largest total of mapped blocks any example reached
 

@@ -57,20 +57,20 @@ Guarantees:
 * **Resources.** A pool that is garbage-collected unclosed releases its descriptors and its lock
   (with a ``ResourceWarning``, as files do); what it had not committed is dropped, as in a crash.
 
+Split by concern: device changes in device_changes.py, the space policy in space_policy.py, the
+stat records and modes in pool_stat.py (mixins and data this class is made of).
+
 ``Pool.open`` returns a context manager: leaving the block without an exception commits; either
 way the pool is closed and unlocked. Nothing here prints.
 """
 
 from __future__ import annotations
 
-import enum
 import os
-import subprocess
-import time
 import warnings
 import weakref
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +78,14 @@ import numpy as np
 from .data.allocator import DataAllocator
 from .data.device import DataDevice
 from . import damage
-from .errors import (AlreadyExists, BusyError, IncompatibleMetadata, InvalidArgument,
-                     MetadataError, NoDataSpace, NoMetadataSpace, NotFound, ReadOnlyError,
+from .errors import (BusyError, IncompatibleMetadata, InvalidArgument,
+                     MetadataError, NoMetadataSpace, NotFound, ReadOnlyError,
                      ThinpoolError)
+from .device_changes import DeviceChanges
 from .guard import OperationGuard
 from .metadata import format as fmt
 from .metadata.thin_metadata import ThinMetadata
-from .registry import Entry, Registry, check_name
+from .registry import Entry, Registry
 from .volume import Volume
 
 from .config import (PoolOptions, _read_config, _write_json, pool_files,  # noqa: F401
@@ -95,66 +96,12 @@ from .creation import (DEFAULT_BLOCK_SIZE, _int_arg, check_block_size,  # noqa: 
 from .locking import (READERS_LOCK_NAME, MetadataLock as _Lock, ReadersLock, process_command,
                       writer_of)
 from .paths import CONFIG_NAME, NAMES_NAME
+from .pool_stat import PoolMode, PoolStat, VolumeStat  # noqa: F401 (API)
+from .space_policy import SpacePolicy
 
 
 
-class PoolMode(enum.IntEnum):
-    """The kernel's pool modes, ordered by degradation (compare with ``<``)."""
-
-    WRITE = 0
-    OUT_OF_DATA_SPACE = 1
-    READ_ONLY = 2
-    FAIL = 3
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-@dataclass
-class VolumeStat:
-    name: str
-    dev_id: int
-    size: int
-    mapped_blocks: int
-    mapped_bytes: int
-    origin: str | None
-    creation_time: int
-    snapshotted_time: int
-    #: The name and size were made up because every copy of the names was lost.
-    guessed: bool = False
-
-
-@dataclass
-class PoolStat:
-    name: str
-    path: str | None
-    data_path: str | None
-    metadata_path: str
-    block_size: int
-    data_blocks_total: int
-    data_blocks_used: int
-    data_blocks_free: int
-    metadata_blocks_total: int
-    metadata_blocks_used: int
-    metadata_blocks_free: int
-    transaction_id: int
-    time: int
-    mode: str
-    needs_check: bool
-    volumes: list[VolumeStat] = field(default_factory=list)
-    error_if_no_space: bool = False
-    no_space_timeout: float = 60.0
-    low_water_blocks: int = 0
-    #: Why the pool is not in write mode because of a failure (None when it is, or when it is
-    #: only out of data space).
-    degraded: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-class Pool:
+class Pool(DeviceChanges, SpacePolicy):
     """An open thin pool."""
 
     def __init__(self) -> None:
@@ -498,18 +445,6 @@ class Pool:
                 damage.clear(self.path)
             self._marker = None
 
-    def rename(self, old: str, new: str) -> Volume:
-        """Give volume ``old`` the name ``new`` (the names registry only: the device, its id and
-        its data stay). Snapshots of it follow the new name. Written at once, atomically."""
-        check_name(new)
-        with self._guard():
-            self._check_writable()
-            self._entry(old)
-            self._check_new_name(new)
-            self._registry.rename(old, new)
-            self._volumes.pop(old, None)
-            return self.volume(new)
-
     def guessed_names(self) -> list[str]:
         """Volumes whose names were made up because every copy of the names was lost: their
         id as name, a size up to the last mapped block, no origin (see registry.py)."""
@@ -532,116 +467,6 @@ class Pool:
                 self._volumes[name] = v
             v.size = e.size
             return v
-
-    def _new_id(self) -> int:
-        """The next device id (ids only ever increase, from the names registry's counter); call
-        it holding the mutex, in the operation that uses it. Only when the 24-bit id space is
-        used up does it go back to the lowest free id (handles still tell devices apart by
-        their epoch)."""
-        used = set(self._meta.device_ids()) | set(self._meta.devices)
-        dev = max(self._registry.next_id, max(used, default=0) + 1)
-        if dev <= fmt.MAX_DEV_ID:
-            return dev
-        dev = 1
-        while dev in used:
-            dev += 1
-        if dev > fmt.MAX_DEV_ID:
-            raise ThinpoolError("no free thin device ids left")
-        return dev
-
-    def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None) -> None:
-        """Make one device change; call it inside ``_guard`` after every check passed.
-
-        The writes acknowledged so far are committed first, so a failure of the change itself
-        rolls back to exactly that state. The change is durable when this returns; the work
-        after its commit (punching freed blocks) never turns it into a reported failure."""
-        self._commit(force=False)
-        trans = self._meta.trans_id + 1
-        self._registry.begin(op, name, dev_id, size, trans, origin)
-        try:
-            action()
-            self._meta.set_transaction_id(trans)
-            if self._data is not None:
-                self._data.sync()
-            freed = self._meta.commit()
-        except BaseException:
-            # If the abort itself fails, the pending record stays: the next open settles it.
-            self._meta.abort()
-            if self._meta.trans_id >= trans:
-                # The superblock was written before the failure (a flush after it failed): the
-                # change is in the metadata, so it is in the names too.
-                self._registry.finish(durable=False)
-            else:
-                try:
-                    self._registry.cancel()
-                except ThinpoolError as e:      # the file keeps the record; reconcile settles it
-                    self.notes.append(f"the names file could not record the rollback ({e})")
-            raise
-        self._registry.finish(durable=False)     # the begin record + trans id already tell
-        self._after_commit(freed)
-
-    def _check_new_name(self, name: str) -> None:
-        if name in self._registry.volumes:
-            raise AlreadyExists(f"volume {name!r} exists already in pool {self.name}")
-
-    def create_thin(self, name: str, size: int) -> Volume:
-        """A new, empty thin volume of ``size`` bytes (may exceed the pool)."""
-        check_name(name)
-        check_volume_size(size)
-        with self._guard():
-            self._check_writable()
-            self._check_new_name(name)
-            dev = self._new_id()
-            self._device_change("create", name, dev, size, lambda: self._meta.create_thin(dev))
-            return self.volume(name)
-
-    def snapshot(self, origin: str, name: str) -> Volume:
-        """A writable snapshot of ``origin`` named ``name``: O(1), shares every block."""
-        check_name(name)
-        with self._guard():
-            self._check_writable()
-            src = self._entry(origin)
-            self._check_new_name(name)
-            dev = self._new_id()
-            self._device_change("snapshot", name, dev, src.size,
-                                lambda: self._meta.create_snap(dev, src.dev_id), origin=origin)
-            return self.volume(name)
-
-    def delete(self, name: str) -> None:
-        with self._guard():
-            self._check_writable()
-            e = self._entry(name)
-            self._device_change("delete", name, e.dev_id, e.size, lambda: self._meta.delete(e.dev_id))
-            self._volumes.pop(name, None)
-
-    def resize_volume(self, name: str, size: int) -> Volume:
-        """Grow or shrink a volume. Shrinking unmaps every whole block past the new end; growing
-        first makes the bytes past the old end read as zeros (a shrink may have left its last
-        block's tail behind), so the grown part always reads as zeros."""
-        check_volume_size(size)
-        with self._guard():
-            self._check_writable()
-            e = self._entry(name)
-            bs = self.block_size
-            vol = self.volume(name)
-            tail, need = 0, None
-            if size > e.size and e.size % bs:
-                tail = min(bs - e.size % bs, size - e.size)
-                need = vol.tail_to_zero(e.size, tail)
-                if need and self._alloc.available() < need:
-                    raise NoDataSpace(
-                        f"growing volume {name!r} needs a free data block to zero the tail of its "
-                        f"last block (it is shared) and pool {self.name} has none; nothing was "
-                        f"changed")
-
-            def change() -> None:
-                if size < e.size:
-                    self._meta.remove_range(e.dev_id, -(-size // bs), 1 << 62)
-                elif need is not None:
-                    vol.zero_tail(e.size, tail)
-
-            self._device_change("resize", name, e.dev_id, size, change, origin=e.origin)
-            return self.volume(name)
 
     # -- pool size ---------------------------------------------------------------------------
     def resize(self, data_size: int | None = None, metadata_size: int | None = None) -> None:
@@ -770,68 +595,6 @@ class Pool:
         with self._guard():
             self._check_writable()
             self._meta.release_metadata_snap()
-
-    def _allocate(self, count: int, hint: int | None) -> np.ndarray | None:
-        """``count`` new data blocks, or None when the caller must start over because it
-        waited for space (other threads may have changed the pool meanwhile).
-
-        With too few free blocks: if blocks freed in this transaction would do, commit (as
-        dm-thin's ``alloc_data_block`` does: freed blocks are reusable only after a commit) and
-        start over. Otherwise fail at once under ``error_if_no_space`` (or a zero timeout), or
-        wait up to ``no_space_timeout`` seconds for a resize, a commit that frees blocks, or an
-        option change, like dm-thin's queued I/O."""
-        try:
-            blocks = self._alloc.allocate(count, hint)
-        except NoDataSpace as e:
-            meta = self._meta
-            if (not self._ops.nested
-                    and self._alloc.available() + meta.data_freed_in_transaction() >= count):
-                self._commit(force=False)          # (the caller has changed nothing yet)
-                self._space.notify_all()
-                return None
-            opts = self.options
-            # Only an operation of its own may wait: a nested one (a device change's write)
-            # would let other threads in halfway through its caller.
-            if (opts.error_if_no_space or opts.no_space_timeout <= 0 or self._ops.nested
-                    or not self.wait_for_space):
-                raise
-            deadline = time.monotonic() + opts.no_space_timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise NoDataSpace(f"{e}; waited {opts.no_space_timeout:g} s for space: grow the "
-                                      f"pool with 'thinpool resize {self.name} --size SIZE'") from None
-                self._ops.wait(min(left, 0.5))
-                if self._meta is None or self._alloc.available() >= count:
-                    return None
-        self._check_low_water()
-        return blocks
-
-    def _check_low_water(self) -> None:
-        mark = self.options.low_water_blocks
-        if not mark:
-            return
-        free = self._alloc.available()
-        if free >= mark:
-            self._low_water_fired = False
-            return
-        if self._low_water_fired:
-            return
-        self._low_water_fired = True
-        hook = self.options.low_water_hook
-        self.notes.append(f"free data blocks ({free}) fell below the low-water mark ({mark})")
-        if hook:
-            env = {**os.environ, "THINPOOL_POOL": str(self.path or self.name),
-                   "THINPOOL_FREE_BLOCKS": str(free), "THINPOOL_LOW_WATER_BLOCKS": str(mark)}
-            try:
-                subprocess.Popen(hook, shell=True, env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-            except OSError as err:
-                self.notes.append(f"low-water hook failed to start: {err}")
-
-    def _release(self, blocks: np.ndarray, mark: tuple[int, int] | None = None) -> None:
-        self._alloc.release(blocks, mark)
 
     # -- information -------------------------------------------------------------------------
     def stat(self) -> PoolStat:

@@ -1,0 +1,145 @@
+"""Device changes of a pool: create, snapshot, delete, resize and rename volumes.
+
+A part of :class:`~thinpool.pool.Pool` (a mixin it inherits; it uses the pool's registry, metadata,
+guard and checks, and nothing else may call these private helpers). The contract is the pool's,
+"Device changes" in pool.py: every check passes before anything changes; the writes acknowledged
+so far are committed first; then the change is made and committed on its own, with the names
+registry's pending record written before it, so an exception midway rolls back to exactly the state
+before the change (the registry record cancelled, or rolled forward if its transaction landed) and
+a crash is settled by the next open. Device ids only ever increase.
+"""
+
+from __future__ import annotations
+
+from .errors import AlreadyExists, NoDataSpace, ThinpoolError
+from .metadata import format as fmt
+from .registry import check_name
+from .creation import check_volume_size
+from .volume import Volume
+
+
+class DeviceChanges:
+    """Pool methods that make, remove and rename thin devices (see the module docstring)."""
+
+    def rename(self, old: str, new: str) -> Volume:
+        """Give volume ``old`` the name ``new`` (the names registry only: the device, its id and
+        its data stay). Snapshots of it follow the new name. Written at once, atomically."""
+        check_name(new)
+        with self._guard():
+            self._check_writable()
+            self._entry(old)
+            self._check_new_name(new)
+            self._registry.rename(old, new)
+            self._volumes.pop(old, None)
+            return self.volume(new)
+
+    def _new_id(self) -> int:
+        """The next device id (ids only ever increase, from the names registry's counter); call
+        it holding the mutex, in the operation that uses it. Only when the 24-bit id space is
+        used up does it go back to the lowest free id (handles still tell devices apart by
+        their epoch)."""
+        used = set(self._meta.device_ids()) | set(self._meta.devices)
+        dev = max(self._registry.next_id, max(used, default=0) + 1)
+        if dev <= fmt.MAX_DEV_ID:
+            return dev
+        dev = 1
+        while dev in used:
+            dev += 1
+        if dev > fmt.MAX_DEV_ID:
+            raise ThinpoolError("no free thin device ids left")
+        return dev
+
+    def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None) -> None:
+        """Make one device change; call it inside ``_guard`` after every check passed.
+
+        The writes acknowledged so far are committed first, so a failure of the change itself
+        rolls back to exactly that state. The change is durable when this returns; the work
+        after its commit (punching freed blocks) never turns it into a reported failure."""
+        self._commit(force=False)
+        trans = self._meta.trans_id + 1
+        self._registry.begin(op, name, dev_id, size, trans, origin)
+        try:
+            action()
+            self._meta.set_transaction_id(trans)
+            if self._data is not None:
+                self._data.sync()
+            freed = self._meta.commit()
+        except BaseException:
+            # If the abort itself fails, the pending record stays: the next open settles it.
+            self._meta.abort()
+            if self._meta.trans_id >= trans:
+                # The superblock was written before the failure (a flush after it failed): the
+                # change is in the metadata, so it is in the names too.
+                self._registry.finish(durable=False)
+            else:
+                try:
+                    self._registry.cancel()
+                except ThinpoolError as e:      # the file keeps the record; reconcile settles it
+                    self.notes.append(f"the names file could not record the rollback ({e})")
+            raise
+        self._registry.finish(durable=False)     # the begin record + trans id already tell
+        self._after_commit(freed)
+
+    def _check_new_name(self, name: str) -> None:
+        if name in self._registry.volumes:
+            raise AlreadyExists(f"volume {name!r} exists already in pool {self.name}")
+
+    def create_thin(self, name: str, size: int) -> Volume:
+        """A new, empty thin volume of ``size`` bytes (may exceed the pool)."""
+        check_name(name)
+        check_volume_size(size)
+        with self._guard():
+            self._check_writable()
+            self._check_new_name(name)
+            dev = self._new_id()
+            self._device_change("create", name, dev, size, lambda: self._meta.create_thin(dev))
+            return self.volume(name)
+
+    def snapshot(self, origin: str, name: str) -> Volume:
+        """A writable snapshot of ``origin`` named ``name``: O(1), shares every block."""
+        check_name(name)
+        with self._guard():
+            self._check_writable()
+            src = self._entry(origin)
+            self._check_new_name(name)
+            dev = self._new_id()
+            self._device_change("snapshot", name, dev, src.size,
+                                lambda: self._meta.create_snap(dev, src.dev_id), origin=origin)
+            return self.volume(name)
+
+    def delete(self, name: str) -> None:
+        with self._guard():
+            self._check_writable()
+            e = self._entry(name)
+            self._device_change("delete", name, e.dev_id, e.size, lambda: self._meta.delete(e.dev_id))
+            self._volumes.pop(name, None)
+
+    def resize_volume(self, name: str, size: int) -> Volume:
+        """Grow or shrink a volume. Shrinking unmaps every whole block past the new end; growing
+        first makes the bytes past the old end read as zeros (a shrink may have left its last
+        block's tail behind), so the grown part always reads as zeros."""
+        check_volume_size(size)
+        with self._guard():
+            self._check_writable()
+            e = self._entry(name)
+            bs = self.block_size
+            vol = self.volume(name)
+            tail, need = 0, None
+            if size > e.size and e.size % bs:
+                tail = min(bs - e.size % bs, size - e.size)
+                need = vol.tail_to_zero(e.size, tail)
+                if need and self._alloc.available() < need:
+                    raise NoDataSpace(
+                        f"growing volume {name!r} needs a free data block to zero the tail of its "
+                        f"last block (it is shared) and pool {self.name} has none; nothing was "
+                        f"changed")
+
+            def change() -> None:
+                if size < e.size:
+                    self._meta.remove_range(e.dev_id, -(-size // bs), 1 << 62)
+                elif need is not None:
+                    vol.zero_tail(e.size, tail)
+
+            self._device_change("resize", name, e.dev_id, size, change, origin=e.origin)
+            return self.volume(name)
+
