@@ -29,13 +29,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 
 from .errors import PoolDamaged
 from .metadata import format as fmt
 from .paths import MARKER_NAME
+from .records import replace_file, sync_dir
 from .units import format_size
 
 
@@ -71,21 +71,7 @@ def mark(pool_dir, reason: str, transaction_id: int | None = None) -> None:
     d = os.fspath(pool_dir)
     doc = {"reason": reason, "transaction_id": transaction_id, "pid": os.getpid(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    fd, tmp = tempfile.mkstemp(prefix="." + MARKER_NAME + ".", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, marker_path(d))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _sync_dir(d)
+    replace_file(marker_path(d), json.dumps(doc, indent=1) + "\n")
 
 
 def clear(pool_dir) -> bool:
@@ -94,16 +80,8 @@ def clear(pool_dir) -> bool:
         os.unlink(marker_path(pool_dir))
     except FileNotFoundError:
         return False
-    _sync_dir(os.fspath(pool_dir))
+    sync_dir(os.fspath(pool_dir))
     return True
-
-
-def _sync_dir(d: str) -> None:
-    dfd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def committed_superblock(metadata_path) -> bytes | None:

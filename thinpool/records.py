@@ -109,6 +109,19 @@ def write(path, doc: dict) -> None:
     d = os.path.dirname(os.path.abspath(path))
     for target in (path, copy_of(path)):
         _replace(target, d, text)
+    sync_dir(d)
+
+
+def replace_file(path, text: str) -> None:
+    """Replace the one file ``path`` with ``text`` atomically and durably (temp file, fsync,
+    rename, directory fsync): a crash leaves the old file or the new one."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    _replace(path, d, text)
+    sync_dir(d)
+
+
+def sync_dir(d: str) -> None:
     dfd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(dfd)

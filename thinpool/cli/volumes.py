@@ -25,16 +25,8 @@ def snapshot(session: Session, origin: Target, name: str) -> None:
     \b
       thinpool snapshot demo/vol0 snap0
     """
-    if "/" in name:
-        pool, _, name = name.partition("/")
-        if pool != origin.pool:
-            raise InvalidArgument(f"a snapshot stays in its origin's pool {origin.pool!r}; "
-                                  f"give just the new name")
-    try:
-        check_name(name)
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e), param_hint="'NAME'") from None
-    target = Target(origin.pool, name)
+    target = _new_name(origin, name, "a snapshot stays in its origin's pool", "'NAME'")
+    name = target.volume
     with session.pool(origin.pool, write=True) as pool:
         get_volume(pool, origin)
         refuse_existing_volume(pool, target)
@@ -76,18 +68,23 @@ def rename(session: Session, target: Target, new_name: str) -> None:
       thinpool rename demo/vol0 root
       thinpool rename demo/1 vol0
     """
-    if "/" in new_name:
-        pool, _, new_name = new_name.partition("/")
-        if pool != target.pool:
-            raise InvalidArgument(f"a volume stays in its pool {target.pool!r}; give just the "
-                                  f"new name")
-    try:
-        check_name(new_name)
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e), param_hint="'NEW_NAME'") from None
-    new = Target(target.pool, new_name)
+    new = _new_name(target, new_name, "a volume stays in its pool", "'NEW_NAME'")
+    new_name = new.volume
     with session.pool(target.pool, write=True) as pool:
         get_volume(pool, target)
         refuse_existing_volume(pool, new)
         vol = pool.rename(target.volume, new_name)
     output.echo(f"renamed {target} to {new} (device id {vol.dev_id}, {format_size(vol.size)})")
+
+
+def _new_name(beside: Target, text: str, rule: str, hint: str) -> Target:
+    """A new volume name in ``beside``'s pool: ``NAME`` or ``POOL/NAME`` of that same pool."""
+    if "/" in text:
+        pool, _, text = text.partition("/")
+        if pool != beside.pool:
+            raise InvalidArgument(f"{rule} {beside.pool!r}; give just the new name")
+    try:
+        check_name(text)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint=hint) from None
+    return Target(beside.pool, text)
