@@ -52,6 +52,7 @@ COMMANDS = load_commands().commands
 BASE_VALUES = {("restore", "input_"): "{F}/valid.xml", ("restore", "output_"): "{F}/out.meta",
                ("repair", "input_"): "demo", ("repair", "output_"): "{F}/out.meta",
                ("delta", "left"): "vol0", ("delta", "right"): "snap0",
+               ("diff", "a"): "demo/snap0", ("diff", "b"): "demo/vol0",
                ("import", "file"): "{F}/zeros.img", ("snapshot", "name"): "snapnew",
                ("create", "size"): "1M", ("resize", "size"): "2M",
                ("metadata-size", "block_size"): "64K", ("metadata-size", "pool_size"): "1G",

@@ -9,6 +9,7 @@ Layout:
 * ``volumes.py`` snapshot, delete
 * ``info.py``    stat, list
 * ``data.py``    write, read, import, export
+* ``mapping.py`` map, diff (a volume's mappings in bytes; two volumes' differing ranges)
 * ``safety.py``  what commands check before they write a file they are given (a pool's own
                  files are refused, a non-empty output needs a yes) and how they write it
 
@@ -34,7 +35,7 @@ import os
 import signal
 import sys
 
-COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools")
+COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping")
 
 #: Every exit code the command line uses, with its meaning (README.md lists the same).
 EXIT_CODES = {0: "success", 1: "failure", 2: "bad usage or argument",

@@ -70,6 +70,16 @@ def _mapped_once(parts: list[np.ndarray]) -> np.ndarray:
     return every[new & last]
 
 
+def shared_mask(blocks: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+    """For each data block in ``blocks``: True when it is *shared* by the rule above (it occurs
+    more than once in all of ``parts``, every device's data blocks, ``blocks`` among them)."""
+    once = _mapped_once(parts)
+    if not len(blocks) or not len(once):
+        return np.ones(len(blocks), bool)
+    pos = np.minimum(np.searchsorted(once, blocks), len(once) - 1)
+    return once[pos] != blocks
+
+
 def _count_in(values: np.ndarray, sorted_set: np.ndarray) -> int:
     """How many of ``values`` are in ``sorted_set`` (not ``np.isin``: it may import numpy.ma)."""
     if not len(values) or not len(sorted_set):
