@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -98,7 +99,7 @@ def test_map_covers_the_volume_and_points_at_the_data(built):
             assert ("offset" in e) == ("shared" in e) == e["data"]
             at += e["length"]
         assert at == SIZE
-        for x, y in zip(ext, ext[1:]):          # merged: neighbours differ in something
+        for x, y in itertools.pairwise(ext):        # merged: neighbours differ in something
             if not x["data"] and not y["data"]:
                 pytest.fail(f"two holes in a row in {name}: {x} {y}")
             if x["data"] and y["data"]:
