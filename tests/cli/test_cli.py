@@ -194,7 +194,7 @@ BAD = [
     ("delete-unknown", ["delete", "demo/nope"], b"", 1, ["nope"]),
     ("delete-pool", ["delete", "demo"], b"", 2, ["POOL/NAME"]),
     ("shrink-pool", ["resize", "demo", "--size", "8M"], b"", 2, ["cannot shrink"]),
-    ("resize-bad-size", ["resize", "demo/vol0", "--size", "-5G"], b"", 2, ["-5G"]),
+    ("resize-bad-size", ["resize", "demo/vol0", "--size", "-5G"], b"", 2, ["leaves nothing"]),
     ("write-past-end", ["write", "demo/vol0", "--offset", "1048570"], b"0123456789", 2,
      ["past", "end"]),
     ("write-offset-past-end", ["write", "demo/vol0", "--offset", "2M"], b"x", 2, ["past the end"]),

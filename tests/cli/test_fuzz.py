@@ -94,7 +94,8 @@ def base_values(cmd: str) -> dict:
 
 
 # -- hostile values, by parameter type ---------------------------------------------------------
-SIZES = ["99999999999999999999P", "-1", "", "0", "1", str(2**64), "12Q", "9223372036854775296"]
+SIZES = ["99999999999999999999P", "-1", "", "0", "1", str(2**64), "12Q", "9223372036854775296",
+         "+99999999999999999999P", "-99999999999999999999P", "+", "+-1M"]
 TARGETS = ["", "demo/..", "../x", "demo/a/b", "nope", "demo/nope", "demo/\udcff", "x" * 200,
            "demo/vol0", "demo"]
 PATHS = ["", "{F}/missing/x", "{F}/missing", "/proc/version", "/sys/thinpool-nope", "{F}/dir",

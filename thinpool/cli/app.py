@@ -127,7 +127,32 @@ class TargetParam(_LibraryParam):
         return parse_target(value, volume=self.volume)
 
 
+class RelativeSizeParam(SizeParam):
+    """A size, or ``+SIZE`` / ``-SIZE`` relative to the current one (as ``lvextend -L +10G``):
+    returns ``(sign, bytes)`` with sign ``""``, ``"+"`` or ``"-"``."""
+
+    name = "[+|-]size"
+
+    def _parse(self, value: str) -> tuple[str, int]:
+        sign = value[:1] if value[:1] in ("+", "-") else ""
+        return sign, parse_size(value[len(sign):])
+
+
+def resolve_size(given: tuple[str, int], current: int, what: str) -> int:
+    """The absolute size ``given`` (from RelativeSizeParam) means for something ``current``
+    bytes large; InvalidArgument when it comes to zero or less."""
+    sign, amount = given
+    if not sign:
+        return amount
+    new = current + amount if sign == "+" else current - amount
+    if new <= 0:
+        raise InvalidArgument(f"{what} is {format_size(current)} ({current} bytes): taking "
+                              f"{format_size(amount)} from it leaves nothing")
+    return new
+
+
 SIZE = SizeParam()
+RELATIVE_SIZE = RelativeSizeParam()
 POOL = TargetParam("pool", volume=False)
 VOLUME = TargetParam("pool/volume", volume=True)
 TARGET = TargetParam("pool[/volume]", volume=None)

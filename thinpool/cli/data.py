@@ -41,7 +41,7 @@ from thinpool.errors import InvalidArgument, NoDataSpace, OutOfRange
 from thinpool.units import format_size
 
 from . import output
-from .app import SIZE, VOLUME, Session, Target, cli, get_volume, pass_session
+from .app import SIZE, VOLUME, Session, Target, cli, confirm, get_volume, pass_session
 from .safety import confirm_overwrite, refuse_pool_file, replacing
 
 CHUNK = 4 << 20            # bytes per read/write; a multiple of every block size up to 4 MiB
@@ -217,6 +217,53 @@ def read(session: Session, target: Target, offset: int, length: int | None) -> N
             output.write_data(vol.read(pos, n))
             pos += n
     output.flush()
+
+
+# -- discard ---------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@click.option("--offset", type=SIZE, default=0, show_default=True,
+              help="Byte offset in the volume to discard from.")
+@click.option("--length", type=SIZE, help="Bytes to discard [default: to the end of the volume].")
+@click.option("--yes", "-y", is_flag=True, help="Discard without asking.")
+@pass_session
+def discard(session: Session, target: Target, offset: int, length: int | None,
+            yes: bool) -> None:
+    """Discard a range of a volume, as blkdiscard does: it reads as zeros afterwards.
+
+    Whole blocks in the range are unmapped (their space goes back to the pool unless a
+    snapshot still shares them); the partial blocks at its edges are zeroed. Asks first on a
+    terminal; needs --yes otherwise.
+
+    \b
+      thinpool discard demo/vol0 --yes
+      thinpool discard demo/vol0 --offset 1M --length 4M --yes
+    """
+    session.refuse_if_busy(target.pool)
+    with session.pool(target.pool, write=True) as pool:
+        vol = get_volume(pool, target)
+        if offset > vol.size:
+            raise OutOfRange(f"offset {offset} is past the end of volume {target} "
+                             f"({vol.size} bytes)")
+        if length is None:
+            length = vol.size - offset
+        elif offset + length > vol.size:
+            raise OutOfRange(f"discarding {length} bytes at offset {offset} reaches past the end "
+                             f"of volume {target} ({vol.size} bytes); nothing was discarded")
+        if length == 0:
+            output.echo(f"nothing to discard in {target} at offset {offset}")
+            return
+        confirm(f"Discard {format_size(length)} of volume {target} at offset {offset}, "
+                f"dropping the data there?", yes)
+        mapped, used = vol.mapped_blocks, pool.stat().data_blocks_used
+        vol.discard(offset, length)
+        pool.commit()
+        unmapped = mapped - vol.mapped_blocks
+        freed = used - pool.stat().data_blocks_used
+        bs = pool.block_size
+    output.echo(f"discarded {length} bytes ({format_size(length)}) of {target} at offset {offset}: "
+                f"{unmapped} block(s) unmapped, {format_size(max(freed, 0) * bs)} freed in pool "
+                f"{target.pool}")
 
 
 # -- import ----------------------------------------------------------------------------------

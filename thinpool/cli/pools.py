@@ -22,8 +22,8 @@ from thinpool.paths import CONFIG_NAME
 from thinpool.units import SECTOR_SIZE, format_size
 
 from . import output
-from .app import (SIZE, TARGET, POOL, Session, Target, cli, confirm, get_volume, pass_session,
-                  refuse_existing_volume, warn_if_overcommitted)
+from .app import (POOL, RELATIVE_SIZE, SIZE, TARGET, Session, Target, cli, confirm, get_volume,
+                  pass_session, refuse_existing_volume, resolve_size, warn_if_overcommitted)
 from .safety import refuse_in_use
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
@@ -259,13 +259,13 @@ def configure(session: Session, target: Target, error_if_no_space, no_space_time
 # -- resize ----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("target", metavar="POOL[/NAME]", type=TARGET)
-@click.option("--size", type=SIZE, help="New data size of a pool (grow only) or new virtual "
-              "size of a volume.")
+@click.option("--size", type=RELATIVE_SIZE, help="New data size of a pool (grow only) or new "
+              "virtual size of a volume; +SIZE or -SIZE: that much more or less.")
 @click.option("--metadata-size", type=SIZE, help="New metadata size of a pool (grow only).")
 @click.option("--yes", "-y", is_flag=True, help="Shrink a volume without asking.")
 @pass_session
-def resize(session: Session, target: Target, size: int | None, metadata_size: int | None,
-           yes: bool) -> None:
+def resize(session: Session, target: Target, size: tuple[str, int] | None,
+           metadata_size: int | None, yes: bool) -> None:
     """Grow a pool, or grow or shrink a volume.
 
     A pool's data (--size) and metadata (--metadata-size) only grow. Shrinking a volume drops
@@ -274,6 +274,7 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
     \b
       thinpool resize demo --size 20G         pools only grow
       thinpool resize demo/vol0 --size 200G
+      thinpool resize demo/vol0 --size +10G        10 GiB more, as lvextend -L +10G
       thinpool resize demo/vol0 --size 1G --yes   shrinking drops the data past the new end
     """
     if target.volume is not None:
@@ -281,9 +282,9 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
             raise click.UsageError("--metadata-size applies to pools, not to volumes")
         if size is None:
             raise click.UsageError("give the volume's new --size")
-        size, notice = round_volume_size(size)
         with session.pool(target.pool, write=True) as pool:
             old = get_volume(pool, target).size
+            size, notice = round_volume_size(resolve_size(size, old, f"volume {target}"))
             if size < old:
                 confirm(f"Shrink volume {target} from {format_size(old)} to "
                         f"{format_size(size)}, dropping its data past {format_size(size)}?", yes)
@@ -299,10 +300,15 @@ def resize(session: Session, target: Target, size: int | None, metadata_size: in
         return
     if size is None and metadata_size is None:
         raise click.UsageError("give the pool's new --size (and/or --metadata-size)")
+    if size is not None and size[0] == "-":
+        raise InvalidArgument(f"pool {target.pool} cannot shrink (dm-thin pools only grow); "
+                              f"give a larger --size or +SIZE")
     with session.pool(target.pool, write=True) as pool:
         st = pool.stat()
         bs = st.block_size
         notice = None
+        if size is not None:
+            size = resolve_size(size, st.data_blocks_total * bs, f"pool {target.pool}")
         if size is not None and size % bs:
             size = -(-size // bs) * bs
             notice = f"pool size rounded up to {_blocks(size, bs)}"
