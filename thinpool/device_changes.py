@@ -72,20 +72,22 @@ class DeviceChanges:
             if self._data is not None:
                 self._data.sync()
             freed = self._meta.commit()
+            self._registry.finish(durable=False)     # the begin record + trans id already tell
         except BaseException:
             # If the abort itself fails, the pending record stays: the next open settles it.
             self._meta.abort()
             if self._meta.trans_id >= trans:
-                # The superblock was written before the failure (a flush after it failed): the
-                # change is in the metadata, so it is in the names too.
-                self._registry.finish(durable=False)
+                # The superblock was written before the failure (a flush after it failed, or an
+                # interrupt landed in the names' finish): the change is in the metadata, so it
+                # is in the names too (applying a record again is harmless).
+                if self._registry.pending is not None:
+                    self._registry.finish(durable=False)
             else:
                 try:
                     self._registry.cancel()
                 except ThinpoolError as e:      # the file keeps the record; reconcile settles it
                     self.notes.append(f"the names file could not record the rollback ({e})")
             raise
-        self._registry.finish(durable=False)     # the begin record + trans id already tell
         self._after_commit(freed)
 
     def _check_new_name(self, name: str) -> None:

@@ -107,3 +107,75 @@ def test_merge_crash_points_old_or_new(tmp_path):
 
     assert _crashes(tmp_path, initial, events, check) > 3 * 5
     assert seen == {False, True}
+
+
+# -- an exception (a Ctrl-C) at every call inside the operation, in process ---------------------
+def _interrupted_everywhere(tmp: Path, op, prefix: str, check) -> dict[str, int]:
+    from tests.crash.harness import Interrupt
+    from thinpool.pool import PoolMode
+    base = tmp / "base"
+    model = _setup(base)
+    import shutil
+    d = tmp / "p"
+    shutil.copytree(base, d)
+    with Pool.open(d) as p, Interrupt(prefix=prefix) as counted:
+        op(p)
+    total = counted.count
+    assert total > 5, total
+    outcomes = {"escaped": 0, "completed": 0, "degraded": 0}
+    for nth in range(1, total + 1):
+        shutil.rmtree(d)
+        shutil.copytree(base, d)
+        p = Pool.open(d)
+        try:
+            with Interrupt(nth, prefix=prefix) as it:
+                try:
+                    op(p)
+                    outcomes["completed"] += 1
+                except KeyboardInterrupt:
+                    outcomes["escaped"] += 1
+            assert it.fired, nth
+            if p.mode != PoolMode.WRITE:
+                outcomes["degraded"] += 1
+            else:
+                check(p, f"in process, after call {nth}", model)   # the open pool agrees too
+        finally:
+            p.close()
+        assert_checks_pass(d / "metadata")
+        with Pool.open(d) as p:
+            if p.mode == PoolMode.READ_ONLY:
+                p.clear_needs_check()
+            assert not any("dropped name" in x for x in p.notes), (nth, p.notes)
+            check(p, f"reopened after an interrupt at call {nth}", model)
+    return outcomes
+
+
+def _revert_check(pool: Pool, where: str, model) -> None:
+    assert set(pool.volumes()) == set(model), where
+    assert _content(pool, "vol") in (model["vol"], model["snap"]), where
+    for n in ("snap", "other", "child"):
+        assert _content(pool, n) == model[n], (where, n)
+
+
+def _merge_check(pool: Pool, where: str, model) -> None:
+    names = set(pool.volumes())
+    merged = names == set(model) - {"snap"}
+    assert merged or names == set(model), (where, names)
+    assert _content(pool, "vol") == model["snap" if merged else "vol"], where
+    for n in ("other", "child"):
+        assert _content(pool, n) == model[n], (where, n)
+
+
+@requires_tools
+@pytest.mark.parametrize("prefix", ["thinpool.metadata", "thinpool.re"])
+def test_revert_interrupted_at_every_call(tmp_path, prefix):
+    out = _interrupted_everywhere(tmp_path, lambda p: p.revert("vol", "snap"), prefix,
+                                  _revert_check)
+    assert out["escaped"] > 0, out
+
+
+@requires_tools
+@pytest.mark.parametrize("prefix", ["thinpool.metadata", "thinpool.re"])
+def test_merge_interrupted_at_every_call(tmp_path, prefix):
+    out = _interrupted_everywhere(tmp_path, lambda p: p.merge("snap"), prefix, _merge_check)
+    assert out["escaped"] > 0, out
