@@ -158,3 +158,13 @@ def test_read_only_pool_refuses(pool, tmp_path):
             p.revert("vol", "snap")
         with pytest.raises(ReadOnlyError):
             p.merge("snap")
+
+
+def test_pending_records_of_the_new_kinds_are_checked():
+    from thinpool.registry import _check_pending
+    rec = {"op": "merge", "name": "vol", "dev_id": 2, "size": 10, "transaction_id": 3,
+           "origin": None}
+    with pytest.raises(ValueError):
+        _check_pending(rec)                        # a merge names its source
+    assert _check_pending({**rec, "source": "snap"})["source"] == "snap"
+    assert _check_pending({**rec, "op": "revert"})["op"] == "revert"
