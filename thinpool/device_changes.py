@@ -1,4 +1,4 @@
-"""Device changes of a pool: create, snapshot, delete, resize and rename volumes.
+"""Device changes of a pool: create, snapshot, delete, resize, rename, revert and merge volumes.
 
 A part of :class:`~thinpool.pool.Pool` (a mixin it inherits; it uses the pool's registry, metadata,
 guard and checks, and nothing else may call these private helpers). The contract is the pool's,
@@ -7,11 +7,18 @@ so far are committed first; then the change is made and committed on its own, wi
 registry's pending record written before it, so an exception midway rolls back to exactly the state
 before the change (the registry record cancelled, or rolled forward if its transaction landed) and
 a crash is settled by the next open. Device ids only ever increase.
+
+Revert and merge replace a name's device in one metadata transaction and one pending record, so
+after an exception or a crash at any point the name holds either its old device (old content) or
+the new one, never neither, and the names agree with the metadata. Both are O(1) in the data
+(a snapshot and a delete); the delete's freed blocks are punched after the commit. Handles of a
+replaced device (and, for merge, of the snapshot under its old name) raise NotFound afterwards.
+Refusals (InvalidArgument, NotFound) come before anything changes.
 """
 
 from __future__ import annotations
 
-from .errors import AlreadyExists, NoDataSpace, ThinpoolError
+from .errors import AlreadyExists, InvalidArgument, NoDataSpace, ThinpoolError
 from .metadata import format as fmt
 from .registry import check_name
 from .creation import check_volume_size
@@ -49,7 +56,8 @@ class DeviceChanges:
             raise ThinpoolError("no free thin device ids left")
         return dev
 
-    def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None) -> None:
+    def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None,
+                       source=None) -> None:
         """Make one device change; call it inside ``_guard`` after every check passed.
 
         The writes acknowledged so far are committed first, so a failure of the change itself
@@ -57,27 +65,29 @@ class DeviceChanges:
         after its commit (punching freed blocks) never turns it into a reported failure."""
         self._commit(force=False)
         trans = self._meta.trans_id + 1
-        self._registry.begin(op, name, dev_id, size, trans, origin)
+        self._registry.begin(op, name, dev_id, size, trans, origin, source)
         try:
             action()
             self._meta.set_transaction_id(trans)
             if self._data is not None:
                 self._data.sync()
             freed = self._meta.commit()
+            self._registry.finish(durable=False)     # the begin record + trans id already tell
         except BaseException:
             # If the abort itself fails, the pending record stays: the next open settles it.
             self._meta.abort()
             if self._meta.trans_id >= trans:
-                # The superblock was written before the failure (a flush after it failed): the
-                # change is in the metadata, so it is in the names too.
-                self._registry.finish(durable=False)
+                # The superblock was written before the failure (a flush after it failed, or an
+                # interrupt landed in the names' finish): the change is in the metadata, so it
+                # is in the names too (applying a record again is harmless).
+                if self._registry.pending is not None:
+                    self._registry.finish(durable=False)
             else:
                 try:
                     self._registry.cancel()
                 except ThinpoolError as e:      # the file keeps the record; reconcile settles it
                     self.notes.append(f"the names file could not record the rollback ({e})")
             raise
-        self._registry.finish(durable=False)     # the begin record + trans id already tell
         self._after_commit(freed)
 
     def _check_new_name(self, name: str) -> None:
@@ -143,3 +153,71 @@ class DeviceChanges:
             self._device_change("resize", name, e.dev_id, size, change, origin=e.origin)
             return self.volume(name)
 
+
+    def revert(self, name: str, snap: str) -> Volume:
+        """Make volume ``name``'s content that of its snapshot ``snap`` again; ``snap`` is kept.
+
+        O(1): a new device, a snapshot of ``snap``, takes over ``name``'s name, size and origin
+        and ``name``'s old device is deleted, in one transaction. ``snap`` must be a snapshot of
+        ``name`` (directly or through other snapshots). When ``snap`` is larger, the blocks past
+        ``name``'s size are unmapped in the new device; a smaller ``snap`` whose size ends inside
+        a block is refused (its tail would need zeroing: resize one of them first)."""
+        with self._guard():
+            self._check_writable()
+            e = self._entry(name)
+            s = self._entry(snap)
+            if snap == name or not self._descends(snap, name):
+                raise InvalidArgument(f"volume {snap!r} is not a snapshot of {name!r} in pool "
+                                      f"{self.name}; revert takes a snapshot of the volume")
+            bs = self.block_size
+            if s.size < e.size and s.size % bs:
+                raise InvalidArgument(
+                    f"snapshot {snap!r} ({s.size} bytes) is smaller than {name!r} ({e.size} "
+                    f"bytes) and ends inside a block; resize one of them to the other's size "
+                    f"first")
+            dev = self._new_id()
+
+            def change() -> None:
+                self._meta.create_snap(dev, s.dev_id)
+                if s.size > e.size:
+                    self._meta.remove_range(dev, -(-e.size // bs), 1 << 62)
+                self._meta.delete(e.dev_id)
+
+            self._device_change("revert", name, dev, e.size, change, origin=e.origin)
+            self._volumes.pop(name, None)
+            return self.volume(name)
+
+    def merge(self, snap: str) -> Volume:
+        """Merge snapshot ``snap`` into its origin (as ``lvconvert --merge``): the origin's device
+        is deleted and ``snap``'s device takes the origin's name and the origin's own origin, in
+        one transaction. Other snapshots of the origin keep their names and data; snapshots of
+        ``snap`` follow it to its new name. Returns the handle under the origin's name.
+        InvalidArgument (nothing changed) when ``snap`` is not a snapshot or its origin is gone."""
+        with self._guard():
+            self._check_writable()
+            s = self._entry(snap)
+            if s.origin is None:
+                raise InvalidArgument(f"volume {snap!r} in pool {self.name} is not a snapshot "
+                                      f"(or its origin was deleted): there is nothing to merge "
+                                      f"it into")
+            o = self._registry.volumes.get(s.origin)
+            if o is None:
+                raise InvalidArgument(f"the origin {s.origin!r} of snapshot {snap!r} is gone "
+                                      f"from pool {self.name}: there is nothing to merge it into")
+            origin = s.origin
+            self._device_change("merge", origin, s.dev_id, s.size,
+                                lambda: self._meta.delete(o.dev_id), origin=o.origin, source=snap)
+            self._volumes.pop(origin, None)
+            self._volumes.pop(snap, None)
+            return self.volume(origin)
+
+    def _descends(self, name: str, ancestor: str) -> bool:
+        """Whether ``name``'s chain of origins reaches ``ancestor`` (by name)."""
+        seen = set()
+        e = self._registry.volumes.get(name)
+        while e is not None and e.origin is not None and e.origin not in seen:
+            if e.origin == ancestor:
+                return True
+            seen.add(e.origin)
+            e = self._registry.volumes.get(e.origin)
+        return False

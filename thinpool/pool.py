@@ -39,8 +39,8 @@ Guarantees:
   is written and the pool is read-only (FAIL when even that cannot be recorded); it never commits
   half a change. Damaged metadata found on the way degrades it too. :meth:`stat` says why
   (``degraded``).
-* **Device changes** (create, snapshot, delete, resize of a volume) are checked first and refused
-  before anything changes; then the writes acknowledged so far are committed (as the kernel does
+* **Device changes** (create, snapshot, delete, resize, revert, merge of a volume) are checked
+  first and refused before anything changes; then the writes acknowledged so far are committed (as the kernel does
   before a snapshot), and the change is made and committed on its own, so a failure of the change
   itself rolls back to exactly the state before it. Device ids are chosen under the pool's mutex
   and only ever increase (a counter in the names registry), as LVM and Docker do.

@@ -28,8 +28,8 @@ their device (the transaction id that created it), which handles compare to tell
 device from a later one with the same id.
 
 :meth:`Registry.reconcile` runs at every open: a pending operation whose transaction id the
-metadata reached is rolled forward, any other is rolled back. So an interrupted create, snapshot or
-delete is never left half done. Names whose device is missing from the metadata are dropped and
+metadata reached is rolled forward, any other is rolled back. So an interrupted create, snapshot,
+delete, resize, revert or merge is never left half done. Names whose device is missing from the metadata are dropped and
 devices with no name get one (their id as text), so the two always agree after an open.
 """
 
@@ -67,7 +67,11 @@ class Entry:
     guessed: bool = False
 
 
-_OPS = ("create", "snapshot", "delete", "resize")
+#: ``revert``: a new device (a snapshot of the snapshot reverted to) takes over ``name`` with
+#: ``size`` and ``origin``; the old device of ``name`` is deleted in the same transaction.
+#: ``merge``: the snapshot ``source`` (device ``dev_id``) takes over its origin's ``name`` and
+#: the origin's own ``origin``; the origin's device is deleted in the same transaction.
+_OPS = ("create", "snapshot", "delete", "resize", "revert", "merge")
 
 
 def _check_pending(p) -> dict | None:
@@ -76,7 +80,8 @@ def _check_pending(p) -> dict | None:
         return None
     ok = (isinstance(p, dict) and p.get("op") in _OPS and isinstance(p.get("name"), str)
           and all(type(p.get(k)) is int and p[k] >= 0 for k in ("dev_id", "size", "transaction_id"))
-          and (p.get("origin") is None or isinstance(p.get("origin"), str)))
+          and (p.get("origin") is None or isinstance(p.get("origin"), str))
+          and (p["op"] != "merge" or isinstance(p.get("source"), str)))
     if not ok:
         raise ValueError(f"its pending operation record is malformed ({json.dumps(p)[:200]})")
     return p
@@ -173,9 +178,11 @@ class Registry:
 
     # -- two-phase changes -------------------------------------------------------------------
     def begin(self, op: str, name: str, dev_id: int, size: int, transaction_id: int,
-              origin: str | None = None) -> None:
+              origin: str | None = None, source: str | None = None) -> None:
         self.pending = {"op": op, "name": name, "dev_id": dev_id, "size": size,
                         "transaction_id": transaction_id, "origin": origin}
+        if source is not None:
+            self.pending["source"] = source
         self.save()
 
     def finish(self, durable: bool = True) -> None:
@@ -198,6 +205,18 @@ class Registry:
             self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"),
                                             p["transaction_id"])
             self.next_id = max(self.next_id, p["dev_id"] + 1)
+        elif p["op"] == "revert":
+            # The name's old device is gone from the metadata; its snapshots keep the name.
+            self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"),
+                                            p["transaction_id"])
+            self.next_id = max(self.next_id, p["dev_id"] + 1)
+        elif p["op"] == "merge":
+            src = self.volumes.pop(p["source"], None)
+            epoch = src.epoch if src is not None and src.dev_id == p["dev_id"] else p["transaction_id"]
+            self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"), epoch)
+            for e in self.volumes.values():      # snapshots of the merged one follow its new name
+                if e.origin == p["source"]:
+                    e.origin = p["name"]
         elif p["op"] == "resize":
             e = self.volumes.get(p["name"])
             if e is not None:

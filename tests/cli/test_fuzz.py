@@ -54,6 +54,7 @@ BASE_VALUES = {("restore", "input_"): "{F}/valid.xml", ("restore", "output_"): "
                ("delta", "left"): "vol0", ("delta", "right"): "snap0",
                ("diff", "a"): "demo/snap0", ("diff", "b"): "demo/vol0",
                ("import", "file"): "{F}/zeros.img", ("snapshot", "name"): "snapnew",
+               ("revert", "snap"): "snap0", ("merge", "target"): "demo/snap0",
                ("create", "size"): "1M", ("resize", "size"): "2M",
                ("metadata-size", "block_size"): "64K", ("metadata-size", "pool_size"): "1G",
                ("metadata-size", "max_thins"): "10", ("ls", "fields"): "DEV"}

@@ -1,4 +1,4 @@
-"""Commands on the volumes of a pool: snapshot, delete, rename."""
+"""Commands on the volumes of a pool: snapshot, delete, rename, revert, merge."""
 
 from __future__ import annotations
 
@@ -75,6 +75,50 @@ def rename(session: Session, target: Target, new_name: str) -> None:
         refuse_existing_volume(pool, new)
         vol = pool.rename(target.volume, new_name)
     output.echo(f"renamed {target} to {new} (device id {vol.dev_id}, {format_size(vol.size)})")
+
+
+@cli.command()
+@click.argument("target", metavar="POOL/VOL", type=VOLUME)
+@click.argument("snap", metavar="SNAP")
+@pass_session
+def revert(session: Session, target: Target, snap: str) -> None:
+    """Give POOL/VOL its snapshot SNAP's content again; SNAP is kept.
+
+    O(1): a new snapshot of SNAP takes over VOL's name, size and origin and VOL's old device is
+    deleted, in one transaction (a crash leaves the old content or the new). What VOL holds now
+    that SNAP does not is lost. Exit 2 when SNAP is not a snapshot of VOL.
+
+    \b
+      thinpool revert demo/vol0 snap0
+    """
+    snap_target = _new_name(target, snap, "a snapshot stays in its origin's pool", "'SNAP'")
+    with session.pool(target.pool, write=True) as pool:
+        old = get_volume(pool, target)
+        old_id = old.dev_id
+        get_volume(pool, snap_target)
+        vol = pool.revert(target.volume, snap_target.volume)
+    output.echo(f"reverted {target} to snapshot {snap_target} (device id {old_id} deleted, now "
+                f"device id {vol.dev_id}, {format_size(vol.size)})")
+
+
+@cli.command()
+@click.argument("target", metavar="POOL/SNAP", type=VOLUME)
+@pass_session
+def merge(session: Session, target: Target) -> None:
+    """Merge snapshot POOL/SNAP into its origin (as 'lvconvert --merge').
+
+    The origin's device is deleted and SNAP's device takes the origin's name (and the origin's
+    own origin), in one transaction. Other snapshots of the origin keep their names and data.
+    Exit 2 when SNAP is not a snapshot or its origin is gone.
+
+    \b
+      thinpool merge demo/snap0
+    """
+    with session.pool(target.pool, write=True) as pool:
+        get_volume(pool, target)
+        vol = pool.merge(target.volume)
+    output.echo(f"merged {target} into {Target(target.pool, vol.name)} (device id "
+                f"{vol.dev_id}, {format_size(vol.size)}); {target} is gone")
 
 
 def _new_name(beside: Target, text: str, rule: str, hint: str) -> Target:
