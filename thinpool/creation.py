@@ -5,10 +5,16 @@
 fails (or is interrupted), removes whatever it had made, so there is never a half-made pool. It
 refuses to format a metadata device that already holds dm-thin metadata. The pool is then opened
 by ``Pool.create``. Sizes follow the kernel's guidance (``default_metadata_size``) and limits.
+
+:func:`rename_pool_dir` gives a pool's directory a new name under the pool's writer lock (no
+other command changes the pool meanwhile; readers that have it open go on through their open
+files). One ``rename(2)``, then the parent directory is synced: after a crash the pool is under
+its old name or its new one, whole.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -183,3 +189,28 @@ def _refuse_live_metadata(path: Path) -> None:
         if fmt.Superblock.unpack(head).magic == fmt.THIN_MAGIC:
             raise AlreadyExists(f"{path} already holds dm-thin pool metadata; "
                                 f"wipe it first if you really mean to reuse it")
+
+
+def rename_pool_dir(path, new_path, wait: float | None = 0) -> None:
+    """Rename the pool directory ``path`` to ``new_path`` (which must not exist), holding the
+    pool's writer lock (BusyError after ``wait`` seconds if another writer has it). Files the
+    pool was given with --data/--metadata outside its directory stay where they are."""
+    from .config import pool_files
+    from .locking import MetadataLock
+
+    path, new_path = Path(path), Path(new_path)
+    if new_path.exists() or new_path.is_symlink():
+        raise AlreadyExists(f"{new_path} exists already; choose another name")
+    mpath, _ = pool_files(path)
+    lock = MetadataLock(str(mpath), exclusive=True, wait=wait)
+    try:
+        if new_path.exists():
+            raise AlreadyExists(f"{new_path} exists already; choose another name")
+        os.rename(path, new_path)
+        fd = os.open(new_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        lock.release()

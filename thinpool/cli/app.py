@@ -187,7 +187,8 @@ class Session:
                            f"'thinpool list' shows the pools there")
         return path
 
-    def _busy(self, name: str, pid: int | None) -> BusyError:
+    def busy(self, name: str, pid: int | None) -> BusyError:
+        """The one-line error for a pool another process is changing."""
         who = f"process {pid}{process_command(pid)}" if pid else "another process"
         hint = ("; pass --wait to wait for it (--wait=SECONDS for at most that long)"
                 if self.wait == 0 else
@@ -201,7 +202,7 @@ class Session:
         from thinpool.locking import writer_of
         pid = writer_of(pool_files(self.require_pool(name))[0])
         if pid is not None and self.wait == 0:
-            raise self._busy(name, pid)
+            raise self.busy(name, pid)
 
     @contextmanager
     def pool(self, name: str, *, write: bool = False, quiet: bool = False) -> Iterator["Pool"]:
@@ -215,7 +216,7 @@ class Session:
         try:
             pool = Pool.open(path, read_only=not write, wait=self.wait if write else 0)
         except BusyError as e:
-            raise self._busy(name, e.holder_pid) from e
+            raise self.busy(name, e.holder_pid) from e
         except PoolDamaged as e:
             raise PoolDamaged(f"pool {name!r} does not open: {e}", e.path) from e
         except MetadataError as e:

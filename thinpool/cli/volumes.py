@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from thinpool.registry import check_name
-from thinpool.errors import InvalidArgument
+from thinpool.errors import AlreadyExists, BusyError, InvalidArgument
 from thinpool.units import format_size
 
 from . import output
-from .app import (VOLUME, Session, Target, cli, get_volume, pass_session, refuse_existing_volume,
+from .app import (TARGET, VOLUME, Session, check_pool_name, Target, cli, get_volume, pass_session, refuse_existing_volume,
                   warn_if_overcommitted)
 
 
@@ -55,11 +55,12 @@ def delete(session: Session, target: Target) -> None:
 
 
 @cli.command()
-@click.argument("target", metavar="POOL/NAME", type=VOLUME)
+@click.argument("target", metavar="POOL[/NAME]", type=TARGET)
 @click.argument("new_name", metavar="NEW_NAME")
 @pass_session
 def rename(session: Session, target: Target, new_name: str) -> None:
-    """Rename a volume (its device, data and snapshots stay; snapshots follow the new name).
+    """Rename a volume (its device, data and snapshots stay; snapshots follow the new name), or
+    a pool (its directory in the home).
 
     Also how volumes get their names back after every copy of the names was lost (they are then
     named by their device ids).
@@ -67,7 +68,11 @@ def rename(session: Session, target: Target, new_name: str) -> None:
     \b
       thinpool rename demo/vol0 root
       thinpool rename demo/1 vol0
+      thinpool rename demo lab
     """
+    if target.volume is None:
+        _rename_pool(session, target.pool, new_name)
+        return
     new = _new_name(target, new_name, "a volume stays in its pool", "'NEW_NAME'")
     new_name = new.volume
     with session.pool(target.pool, write=True) as pool:
@@ -132,3 +137,20 @@ def _new_name(beside: Target, text: str, rule: str, hint: str) -> Target:
     except InvalidArgument as e:
         raise click.BadParameter(str(e), param_hint=hint) from None
     return Target(beside.pool, text)
+
+
+def _rename_pool(session: Session, old: str, new: str) -> None:
+    from thinpool.creation import rename_pool_dir
+    try:
+        check_pool_name(new)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint="'NEW_NAME'") from None
+    path = session.require_pool(old)
+    if session.pool_path(new).exists():
+        raise AlreadyExists(f"{session.pool_path(new)} exists already; choose another name "
+                            f"for pool {old!r}")
+    try:
+        rename_pool_dir(path, session.pool_path(new), wait=session.wait)
+    except BusyError as e:
+        raise session.busy(old, e.holder_pid) from e
+    output.echo(f"renamed pool {old} to {new} ({session.pool_path(new)})")
