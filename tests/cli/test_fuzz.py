@@ -153,7 +153,12 @@ def world(tmp_path_factory):
     import shutil
     shutil.rmtree(w.pristine)
     shutil.copytree(w.root, w.pristine)
-    return w
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("fuzz-cwd"))   # relative outputs never land in the checkout
+    try:
+        yield w
+    finally:
+        os.chdir(old)
 
 
 def run(home: Path, argv: list[str], stdout: str = "pipe", stdin: bytes = b"x" * 100):
