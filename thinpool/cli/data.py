@@ -204,7 +204,6 @@ def read(session: Session, target: Target, offset: int, length: int | None) -> N
     """
     with session.pool(target.pool) as pool:
         vol = get_volume(pool, target)
-        vol.check_writable("discard")
         if offset > vol.size:
             raise OutOfRange(f"offset {offset} is past the end of volume {target} "
                              f"({vol.size} bytes)")
