@@ -31,6 +31,12 @@ device from a later one with the same id.
 metadata reached is rolled forward, any other is rolled back. So an interrupted create, snapshot,
 delete, resize, revert or merge is never left half done. Names whose device is missing from the metadata are dropped and
 devices with no name get one (their id as text), so the two always agree after an open.
+
+An entry's ``read_only`` flag (``Pool.set_read_only``, as ``lvchange -p r``) lives here only, never
+in the dm-thin metadata: :meth:`Registry.set_read_only` writes it at once (both copies, each
+atomically: a crash leaves the old flag or the new), and a read-only snapshot carries it in its
+own pending record (``"read_only": true``), so reconcile rolls it forward with the snapshot. It is
+written only when set: names files from before the field load with every volume writable.
 """
 
 from __future__ import annotations
