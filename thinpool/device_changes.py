@@ -14,11 +14,17 @@ the new one, never neither, and the names agree with the metadata. Both are O(1)
 (a snapshot and a delete); the delete's freed blocks are punched after the commit. Handles of a
 replaced device (and, for merge, of the snapshot under its old name) raise NotFound afterwards.
 Refusals (InvalidArgument, NotFound) come before anything changes.
+
+Read-only volumes (:meth:`DeviceChanges.set_read_only`, as ``lvchange -p r``): the flag lives in
+the names registry only, written at once in both copies (a crash leaves the old flag or the new).
+Resizing a read-only volume, or reverting or merging onto it, raises
+:class:`~thinpool.errors.VolumeReadOnly` before anything changes; snapshots of it (writable unless
+asked), renaming and deleting it are allowed.
 """
 
 from __future__ import annotations
 
-from .errors import AlreadyExists, InvalidArgument, NoDataSpace, ThinpoolError
+from .errors import AlreadyExists, InvalidArgument, NoDataSpace, ThinpoolError, VolumeReadOnly
 from .metadata import format as fmt
 from .registry import check_name
 from .creation import check_volume_size
@@ -57,7 +63,7 @@ class DeviceChanges:
         return dev
 
     def _device_change(self, op: str, name: str, dev_id: int, size: int, action, origin=None,
-                       source=None) -> None:
+                       source=None, read_only: bool = False) -> None:
         """Make one device change; call it inside ``_guard`` after every check passed.
 
         The writes acknowledged so far are committed first, so a failure of the change itself
@@ -65,7 +71,7 @@ class DeviceChanges:
         after its commit (punching freed blocks) never turns it into a reported failure."""
         self._commit(force=False)
         trans = self._meta.trans_id + 1
-        self._registry.begin(op, name, dev_id, size, trans, origin, source)
+        self._registry.begin(op, name, dev_id, size, trans, origin, source, read_only)
         try:
             action()
             self._meta.set_transaction_id(trans)
@@ -105,17 +111,41 @@ class DeviceChanges:
             self._device_change("create", name, dev, size, lambda: self._meta.create_thin(dev))
             return self.volume(name)
 
-    def snapshot(self, origin: str, name: str) -> Volume:
-        """A writable snapshot of ``origin`` named ``name``: O(1), shares every block."""
+    def snapshot(self, origin: str, name: str, read_only: bool = False) -> Volume:
+        """A snapshot of ``origin`` named ``name``: O(1), shares every block. Writable (also of a
+        read-only origin) unless ``read_only``; the flag is in the same pending record as the
+        snapshot, so a crash never leaves a read-only snapshot writable."""
         check_name(name)
+        if type(read_only) is not bool:
+            raise InvalidArgument(f"read_only must be True or False, not {read_only!r}")
         with self._guard():
             self._check_writable()
             src = self._entry(origin)
             self._check_new_name(name)
             dev = self._new_id()
             self._device_change("snapshot", name, dev, src.size,
-                                lambda: self._meta.create_snap(dev, src.dev_id), origin=origin)
+                                lambda: self._meta.create_snap(dev, src.dev_id), origin=origin,
+                                read_only=read_only)
             return self.volume(name)
+
+    def set_read_only(self, name: str, on: bool) -> Volume:
+        """Mark volume ``name`` read-only (``on``) or writable again, as ``lvchange -p r|rw``.
+
+        Only the names registry changes (both copies, atomically; no metadata transaction), so
+        the writes acknowledged so far stay uncommitted as they were. Returns the handle."""
+        if type(on) is not bool:
+            raise InvalidArgument(f"read-only must be True or False, not {on!r}")
+        with self._guard():
+            self._check_writable()
+            e = self._entry(name)
+            if e.read_only != on:
+                self._registry.set_read_only(name, on)
+            return self.volume(name)
+
+    def _refuse_read_only(self, name: str, what: str) -> None:
+        e = self._registry.volumes.get(name)
+        if e is not None and e.read_only:
+            raise VolumeReadOnly(self.name, name, what)
 
     def delete(self, name: str) -> None:
         with self._guard():
@@ -132,6 +162,7 @@ class DeviceChanges:
         with self._guard():
             self._check_writable()
             e = self._entry(name)
+            self._refuse_read_only(name, "resize")
             bs = self.block_size
             vol = self.volume(name)
             tail, need = 0, None
@@ -166,6 +197,7 @@ class DeviceChanges:
             self._check_writable()
             e = self._entry(name)
             s = self._entry(snap)
+            self._refuse_read_only(name, f"revert to snapshot {snap!r}")
             if snap == name or not self._descends(snap, name):
                 raise InvalidArgument(f"volume {snap!r} is not a snapshot of {name!r} in pool "
                                       f"{self.name}; revert takes a snapshot of the volume")
@@ -205,6 +237,7 @@ class DeviceChanges:
                 raise InvalidArgument(f"the origin {s.origin!r} of snapshot {snap!r} is gone "
                                       f"from pool {self.name}: there is nothing to merge it into")
             origin = s.origin
+            self._refuse_read_only(origin, f"merge of snapshot {snap!r} into it")
             self._device_change("merge", origin, s.dev_id, s.size,
                                 lambda: self._meta.delete(o.dev_id), origin=o.origin, source=snap)
             self._volumes.pop(origin, None)

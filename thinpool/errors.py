@@ -41,6 +41,21 @@ class OutOfRange(InvalidArgument):
     """An I/O request that reaches past the end of a volume."""
 
 
+class VolumeReadOnly(InvalidArgument):
+    """A change to the content of a volume marked read-only (``Pool.set_read_only``, as LVM's
+    ``lvchange -p r``): a write, discard, resize, or a revert or merge onto it. Nothing was
+    changed. ``volume`` is its name, ``pool`` the pool's; the message names the command that
+    makes it writable."""
+
+    def __init__(self, pool: str, volume: str, what: str):
+        super().__init__(f"volume {pool}/{volume} is read-only: {what} refused, nothing was "
+                         f"changed; make it writable with "
+                         f"'thinpool configure {pool}/{volume} --read-write'")
+        self.pool = pool
+        self.volume = volume
+        self.what = what
+
+
 class ReadOnlyError(ThinpoolError):
     """A write was attempted on a pool opened read-only or in a degraded mode."""
 

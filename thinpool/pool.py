@@ -611,7 +611,7 @@ class Pool(DeviceChanges, SpacePolicy):
             mapped = d.mapped_blocks if d else 0
             vols.append(VolumeStat(name, e.dev_id, e.size, mapped, mapped * self.block_size,
                                    e.origin, d.creation_time if d else 0,
-                                   d.snapshotted_time if d else 0, e.guessed))
+                                   d.snapshotted_time if d else 0, e.guessed, e.read_only))
         used = meta.data_sm.nr_allocated()
         mused = meta.metadata_sm.nr_allocated()
         return PoolStat(

@@ -34,6 +34,8 @@ class VolumeStat:
     snapshotted_time: int
     #: The name and size were made up because every copy of the names was lost.
     guessed: bool = False
+    #: Marked read-only (``Pool.set_read_only``): its content may not change.
+    read_only: bool = False
 
 
 @dataclass

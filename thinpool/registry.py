@@ -31,6 +31,12 @@ device from a later one with the same id.
 metadata reached is rolled forward, any other is rolled back. So an interrupted create, snapshot,
 delete, resize, revert or merge is never left half done. Names whose device is missing from the metadata are dropped and
 devices with no name get one (their id as text), so the two always agree after an open.
+
+An entry's ``read_only`` flag (``Pool.set_read_only``, as ``lvchange -p r``) lives here only, never
+in the dm-thin metadata: :meth:`Registry.set_read_only` writes it at once (both copies, each
+atomically: a crash leaves the old flag or the new), and a read-only snapshot carries it in its
+own pending record (``"read_only": true``), so reconcile rolls it forward with the snapshot. It is
+written only when set: names files from before the field load with every volume writable.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ class Entry:
     epoch: int = 0
     #: The name and size were made up when every copy of the names was lost (see reconcile).
     guessed: bool = False
+    #: The volume's content may not change (``Pool.set_read_only``, as ``lvchange -p r``). Kept
+    #: in the names only (never in the dm-thin metadata); written only when set, so names files
+    #: from before the field load with every volume writable.
+    read_only: bool = False
 
 
 #: ``revert``: a new device (a snapshot of the snapshot reverted to) takes over ``name`` with
@@ -81,7 +91,8 @@ def _check_pending(p) -> dict | None:
     ok = (isinstance(p, dict) and p.get("op") in _OPS and isinstance(p.get("name"), str)
           and all(type(p.get(k)) is int and p[k] >= 0 for k in ("dev_id", "size", "transaction_id"))
           and (p.get("origin") is None or isinstance(p.get("origin"), str))
-          and (p["op"] != "merge" or isinstance(p.get("source"), str)))
+          and (p["op"] != "merge" or isinstance(p.get("source"), str))
+          and type(p.get("read_only", False)) is bool)
     if not ok:
         raise ValueError(f"its pending operation record is malformed ({json.dumps(p)[:200]})")
     return p
@@ -96,8 +107,11 @@ def _parse(raw: dict) -> tuple:
             check_name(n)
         except InvalidArgument as err:
             raise ValueError(str(err)) from None
+        ro = e.get("read_only", False)
+        if type(ro) is not bool:
+            raise ValueError(f"volume {n!r}: read_only must be true or false, not {ro!r}")
         vols[n] = Entry(int(e["dev_id"]), int(e["size"]), e.get("origin"), int(e.get("epoch", 0)),
-                        bool(e.get("guessed", False)))
+                        bool(e.get("guessed", False)), ro)
     return (int(raw.get("transaction_id", 0)), vols, _check_pending(raw.get("pending")),
             int(raw.get("next_id", 1)))
 
@@ -163,7 +177,8 @@ class Registry:
     def _doc(self) -> dict:
         return {"version": 1, "transaction_id": self.transaction_id,
                 "volumes": {n: {"dev_id": e.dev_id, "size": e.size, "origin": e.origin,
-                                "epoch": e.epoch, **({"guessed": True} if e.guessed else {})}
+                                "epoch": e.epoch, **({"guessed": True} if e.guessed else {}),
+                                **({"read_only": True} if e.read_only else {})}
                             for n, e in sorted(self.volumes.items())},
                 "pending": self.pending, "next_id": self.next_id}
 
@@ -178,11 +193,14 @@ class Registry:
 
     # -- two-phase changes -------------------------------------------------------------------
     def begin(self, op: str, name: str, dev_id: int, size: int, transaction_id: int,
-              origin: str | None = None, source: str | None = None) -> None:
+              origin: str | None = None, source: str | None = None,
+              read_only: bool = False) -> None:
         self.pending = {"op": op, "name": name, "dev_id": dev_id, "size": size,
                         "transaction_id": transaction_id, "origin": origin}
         if source is not None:
             self.pending["source"] = source
+        if read_only:                  # (only a snapshot made read-only carries it)
+            self.pending["read_only"] = True
         self.save()
 
     def finish(self, durable: bool = True) -> None:
@@ -203,7 +221,8 @@ class Registry:
     def _apply(self, p: dict) -> None:
         if p["op"] in ("create", "snapshot"):
             self.volumes[p["name"]] = Entry(p["dev_id"], p["size"], p.get("origin"),
-                                            p["transaction_id"])
+                                            p["transaction_id"],
+                                            read_only=bool(p.get("read_only", False)))
             self.next_id = max(self.next_id, p["dev_id"] + 1)
         elif p["op"] == "revert":
             # The name's old device is gone from the metadata; its snapshots keep the name.
@@ -288,6 +307,18 @@ class Registry:
         """Names made up for devices whose names were lost (see :meth:`reconcile`)."""
         return sorted((n for n, e in self.volumes.items() if e.guessed),
                       key=lambda n: self.volumes[n].dev_id)
+
+    def set_read_only(self, name: str, on: bool) -> None:
+        """Mark volume ``name`` read-only (or writable again); written at once, both copies
+        atomically, so a crash leaves the old flag or the new one. Call it with no operation
+        pending. On a failed write the flag in memory is put back."""
+        e = self.volumes[name]
+        was, e.read_only = e.read_only, bool(on)
+        try:
+            self.save()
+        except BaseException:
+            e.read_only = was
+            raise
 
     def rename(self, old: str, new: str) -> None:
         """Give volume ``old`` the name ``new`` (clears ``guessed``); written at once. Call it

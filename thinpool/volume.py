@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidArgument, NoDataSpace, OutOfRange, ThinpoolError
+from .errors import InvalidArgument, NoDataSpace, OutOfRange, ThinpoolError, VolumeReadOnly
 from .metadata import format as fmt
 
 if TYPE_CHECKING:
@@ -51,9 +51,25 @@ class Volume:
         return f"Volume({self.name!r}, dev_id={self.dev_id}, size={self.size})"
 
     # -- helpers -----------------------------------------------------------------------------
-    def _live(self) -> None:
-        """Raise NotFound if the device is gone; refresh the size from the pool's names."""
-        self.size = self.pool._live(self).size
+    def _live(self):
+        """Raise NotFound if the device is gone; refresh the size and the read-only flag from
+        the pool's names. Returns the names entry."""
+        e = self.pool._live(self)
+        self.size = e.size
+        return e
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the volume is marked read-only (``Pool.set_read_only``)."""
+        with self.pool._mutex:
+            return self._live().read_only
+
+    def check_writable(self, what: str = "write") -> None:
+        """Raise :class:`~thinpool.errors.VolumeReadOnly` (naming ``what``) when the volume is
+        marked read-only; NotFound when it is gone. Changes nothing."""
+        with self.pool._mutex:
+            if self._live().read_only:
+                raise VolumeReadOnly(self.pool.name, self.name, what)
 
     def _check_range(self, offset: int, length: int, what: str, limit: int | None = None) -> None:
         if not isinstance(offset, int) or not isinstance(length, int) or isinstance(offset, bool):
@@ -150,7 +166,7 @@ class Volume:
         if type(data) is bytes:
             with pool._mutex:
                 fast = self._fast_block(offset, len(data))
-                if fast is not None:
+                if fast is not None and not self.pool._registry.volumes[self.name].read_only:
                     m, vb = fast
                     meta = pool._meta
                     # An exclusive block already mapped: written in place, no metadata change.
@@ -167,7 +183,8 @@ class Volume:
         data = memoryview(data).cast("B")
         length = data.nbytes
         pool = self.pool
-        self._live()
+        if self._live().read_only:
+            raise VolumeReadOnly(pool.name, self.name, "write")
         self._check_range(offset, length, "write", limit)
         pool._check_writable()
         if length == 0:
@@ -238,7 +255,8 @@ class Volume:
 
     def _discard(self, offset: int, length: int) -> None:
         pool = self.pool
-        self._live()
+        if self._live().read_only:
+            raise VolumeReadOnly(pool.name, self.name, "discard")
         self._check_range(offset, length, "discard")
         pool._check_writable()
         if length == 0:

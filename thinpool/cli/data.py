@@ -79,7 +79,9 @@ def write(session: Session, target: Target, offset: int) -> None:
         # need it only while this one writes).
         session.refuse_if_busy(target.pool)
         with session.pool(target.pool, quiet=True) as pool:
-            size = _room(get_volume(pool, target), target, offset)
+            vol = get_volume(pool, target)
+            vol.check_writable("write")      # before reading stdin
+            size = _room(vol, target, offset)
         total = _spool_stdin(spool, size - offset, target, offset, size)
         spool.seek(0)
         with session.pool(target.pool, write=True) as pool:
@@ -242,6 +244,7 @@ def discard(session: Session, target: Target, offset: int, length: int | None,
     session.refuse_if_busy(target.pool)
     with session.pool(target.pool, write=True) as pool:
         vol = get_volume(pool, target)
+        vol.check_writable("discard")
         if offset > vol.size:
             raise OutOfRange(f"offset {offset} is past the end of volume {target} "
                              f"({vol.size} bytes)")
@@ -285,6 +288,7 @@ def import_(session: Session, target: Target, file: Path) -> None:
         size = _source_size(fd, file)
         with session.pool(target.pool, write=True) as pool:
             vol = get_volume(pool, target)
+            vol.check_writable("import")
             if size > vol.size:
                 raise InvalidArgument(
                     f"{file} is {format_size(size)} ({size} bytes), larger than volume {target} "

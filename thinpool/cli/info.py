@@ -157,10 +157,11 @@ def _show_pool(st: dict) -> None:
         return
     output.table(None, [("name", "left"), ("dev id", "right"), ("virtual size", "right"),
                         ("mapped", "right"), ("mapped %", "right"), ("exclusive", "right"),
-                        ("shared", "right"), ("origin", "left")],
+                        ("shared", "right"), ("attr", "left"), ("origin", "left")],
                  [(v["name"], str(v["dev_id"]), format_size(v["size"]),
                    format_size(v["mapped_bytes"]), _pct(min(v["mapped_bytes"], v["size"]), v["size"]),
                    format_size(v["exclusive_blocks"] * bs), format_size(v["shared_blocks"] * bs),
+                   "r" if v.get("read_only") else "w",
                    v["origin"] or "-") for v in st["volumes"]], indent=2)
 
 
@@ -176,6 +177,9 @@ def _show_volume(st: dict, v: dict) -> None:
         ("shared", f"{format_size(v['shared_blocks'] * st['block_size'])} "
                    f"({v['shared_blocks']} blocks shared with other volumes)"),
         ("origin", v["origin"] or "-"),
+        ("read-only", "yes (writes, discards and resizes are refused; 'thinpool configure "
+                      f"{st['name']}/{v['name']} --read-write' makes it writable)"
+         if v.get("read_only") else "no"),
         ("creation time", str(v["creation_time"])),
         ("snapshotted time", str(v["snapshotted_time"])),
     ])

@@ -226,18 +226,34 @@ def _create_volume(session: Session, target: Target, size: int) -> None:
 
 # -- configure -------------------------------------------------------------------------------
 @cli.command()
-@click.argument("target", metavar="POOL", type=POOL)
+@click.argument("target", metavar="POOL[/VOL]", type=TARGET)
 @_pool_options
+@click.option("--read-only/--read-write", "read_only", default=None,
+              help="Volumes: make POOL/VOL read-only (writes, discards, resizes, reverts and "
+                   "merges onto it are refused, exit 2) or writable again, as 'lvchange -p r|rw'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON.")
 @pass_session
 def configure(session: Session, target: Target, error_if_no_space, no_space_timeout, low_water,
-              low_water_hook, as_json: bool) -> None:
-    """Show or change how a pool behaves when it fills up.
+              low_water_hook, read_only, as_json: bool) -> None:
+    """Show or change how a pool behaves when it fills up, or whether a volume is read-only.
 
     \b
       thinpool configure demo --error-if-no-space
       thinpool configure demo --low-water 1G --low-water-hook 'logger pool $THINPOOL_POOL is low'
+      thinpool configure demo/snap0 --read-only     as lvchange -p r
+      thinpool configure demo/snap0 --read-write
     """
+    if target.volume is not None:
+        _configure_volume(session, target, read_only, as_json, [
+            name for name, value in (("--error-if-no-space", error_if_no_space),
+                                     ("--no-space-timeout", no_space_timeout),
+                                     ("--low-water", low_water),
+                                     ("--low-water-hook", low_water_hook)) if value is not None])
+        return
+    if read_only is not None:
+        raise click.UsageError(f"--read-only and --read-write apply to volumes, not to pools; "
+                               f"give POOL/VOL, e.g. 'thinpool configure {target.pool}/VOL "
+                               f"--read-only'")
     from dataclasses import asdict
     with session.pool(target.pool, write=True) as pool:
         changes = _options_from(error_if_no_space, no_space_timeout, low_water, low_water_hook,
@@ -254,6 +270,31 @@ def configure(session: Session, target: Target, error_if_no_space, no_space_time
          f"{format_size(opts.low_water_blocks * bs)} ({opts.low_water_blocks} blocks)"),
         ("low-water hook", opts.low_water_hook or "-"),
     ])
+
+
+def _configure_volume(session: Session, target: Target, read_only: bool | None, as_json: bool,
+                      pool_only: list[str]) -> None:
+    if pool_only:
+        raise click.UsageError(f"{', '.join(pool_only)} appl{'ies' if len(pool_only) == 1 else 'y'} "
+                               f"to pools, not to volumes; give just {target.pool!r}")
+    with session.pool(target.pool, write=read_only is not None) as pool:
+        vol = get_volume(pool, target)
+        was = vol.read_only
+        if read_only is not None and read_only != was:
+            vol = pool.set_read_only(target.volume, read_only)
+        now = vol.read_only
+    if as_json:
+        output.emit_json({"pool": target.pool, "name": target.volume, "read_only": now})
+        return
+    state = "read-only" if now else "writable"
+    if read_only is None:
+        output.echo(f"volume {target} is {state}")
+    elif now == was:
+        output.echo(f"volume {target} is {state} already; nothing was changed")
+    else:
+        output.echo(f"volume {target} is {state} now"
+                    + (f" (make it writable again with 'thinpool configure {target} "
+                       f"--read-write')" if now else ""))
 
 
 # -- resize ----------------------------------------------------------------------------------

@@ -16,23 +16,28 @@ from .app import (TARGET, VOLUME, Session, check_pool_name, Target, cli, get_vol
 @cli.command()
 @click.argument("origin", metavar="POOL/ORIGIN", type=VOLUME)
 @click.argument("name")
+@click.option("--read-only", "read_only", is_flag=True,
+              help="Make the snapshot read-only (as lvcreate -p r); 'thinpool configure "
+                   "POOL/NAME --read-write' makes it writable later.")
 @pass_session
-def snapshot(session: Session, origin: Target, name: str) -> None:
-    """Make POOL/NAME, a writable snapshot of POOL/ORIGIN.
+def snapshot(session: Session, origin: Target, name: str, read_only: bool) -> None:
+    """Make POOL/NAME, a writable (or, with --read-only, read-only) snapshot of POOL/ORIGIN.
 
     A snapshot is O(1): it shares every block with its origin until one of them writes it.
+    Snapshots of a read-only volume are writable unless --read-only is given.
 
     \b
       thinpool snapshot demo/vol0 snap0
+      thinpool snapshot demo/vol0 backup --read-only
     """
     target = _new_name(origin, name, "a snapshot stays in its origin's pool", "'NAME'")
     name = target.volume
     with session.pool(origin.pool, write=True) as pool:
         get_volume(pool, origin)
         refuse_existing_volume(pool, target)
-        snap = pool.snapshot(origin.volume, name)
-        output.echo(f"created snapshot {target} of {origin} ({format_size(snap.size)}, "
-                    f"device id {snap.dev_id})")
+        snap = pool.snapshot(origin.volume, name, read_only=read_only)
+        output.echo(f"created {'read-only ' if read_only else ''}snapshot {target} of {origin} "
+                    f"({format_size(snap.size)}, device id {snap.dev_id})")
         warn_if_overcommitted(pool)
 
 
