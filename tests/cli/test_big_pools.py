@@ -22,12 +22,12 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench._util import peak_rss
 from tests.cli.helpers import THINPOOL, assert_one_line_error, clean_env, tp
 from tests.tptools import assert_checks_pass, requires_tools
 from thinpool import Pool
@@ -35,31 +35,10 @@ from thinpool.metadata.thin_metadata import ThinMetadata
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
-#: Runs argv[2:] (stdout to file argv[1]), waits for it, prints its exit code and ru_maxrss.
-_LAUNCHER = """
-import json, os, sys
-out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-stdin = os.open(sys.argv[2], os.O_RDONLY)
-pid = os.fork()
-if pid == 0:
-    os.dup2(out, 1)
-    os.dup2(stdin, 0)
-    os.execv(sys.argv[3], sys.argv[3:])
-_, status, usage = os.wait4(pid, 0)
-print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
-"""
-
-
 def _peak_mib(tmp_path: Path, home: Path, *args: str, stdin: bytes = b"") -> float:
     """Peak RSS of ``thinpool --home HOME ARGS`` as a process of its own; it must succeed."""
     (tmp_path / "in").write_bytes(stdin)
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(tmp_path / "out"),
-                        str(tmp_path / "in"), *THINPOOL, "--home", str(home), *args],
-                       capture_output=True, text=True, env=clean_env(), timeout=300, check=False)
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["exit"] == 0, (args, r.stderr)
-    return got["maxrss_kib"] / 1024
+    return peak_rss([*THINPOOL, "--home", str(home), *args], tmp_path / "out", tmp_path / "in")[0]
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,6 @@ BS = 64 * 1024
 
 
 @pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def demo(home):
     """Pool ``demo`` (16 MiB) with ``vol0`` (1 MiB, first 100 KiB random) and its snapshot ``snap0``."""
     data = random.Random(7).randbytes(100 * 1024)

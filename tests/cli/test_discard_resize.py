@@ -5,18 +5,12 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 
 from tests.cli.helpers import assert_one_line_error, tp
 from tests.tptools import assert_checks_pass, requires_tools
 
 BS = 64 * 1024
 MiB = 1 << 20
-
-
-@pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
 
 
 def _stat(home, target):

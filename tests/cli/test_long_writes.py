@@ -3,24 +3,17 @@ long ones commit as they go, and the writer lock is not held while stdin is stil
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
 import sys
 
-import pytest
 
 from tests.cli.helpers import THINPOOL, assert_one_line_error, clean_env, tp
 from tests.tptools import assert_checks_pass, requires_tools
 
 BS = 64 * 1024
 MiB = 1 << 20
-
-
-@pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
 
 
 def _pool(home, size="1M", vol="10M"):

@@ -37,11 +37,6 @@ BS = 64 * 1024
 
 
 @pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def demo(home):
     with Pool.create(home / "demo", data_size=4 * MiB) as pool:
         pool.create_thin("vol0", MiB).write(0, b"hello" * 1000)

@@ -104,9 +104,7 @@ def write(session: Session, target: Target, offset: int) -> None:
 
 
 def _room(vol, target: Target, offset: int, total: int = 0) -> int:
-    if offset > vol.size:
-        raise OutOfRange(f"offset {offset} is past the end of volume {target} "
-                         f"({vol.size} bytes)")
+    _span(vol, target, offset, None, "writing")
     if offset + total > vol.size:
         raise OutOfRange(f"the input reaches past the end of volume {target} ({vol.size} bytes): "
                          f"only {vol.size - offset} bytes fit from offset {offset}; nothing was "
@@ -204,14 +202,7 @@ def read(session: Session, target: Target, offset: int, length: int | None) -> N
     """
     with session.pool(target.pool) as pool:
         vol = get_volume(pool, target)
-        if offset > vol.size:
-            raise OutOfRange(f"offset {offset} is past the end of volume {target} "
-                             f"({vol.size} bytes)")
-        if length is None:
-            length = vol.size - offset
-        elif offset + length > vol.size:
-            raise OutOfRange(f"reading {length} bytes at offset {offset} reaches past the end of "
-                             f"volume {target} ({vol.size} bytes)")
+        length = _span(vol, target, offset, length, "reading")
         chunk = _chunk_for(pool.block_size)
         pos, end = offset, offset + length
         while pos < end:
@@ -219,6 +210,20 @@ def read(session: Session, target: Target, offset: int, length: int | None) -> N
             output.write_data(vol.read(pos, n))
             pos += n
     output.flush()
+
+
+def _span(vol, target: Target, offset: int, length: int | None, doing: str,
+          after: str = "") -> int:
+    """The length of a request at ``offset`` (None: to the end); OutOfRange past the end."""
+    if offset > vol.size:
+        raise OutOfRange(f"offset {offset} is past the end of volume {target} "
+                         f"({vol.size} bytes)")
+    if length is None:
+        return vol.size - offset
+    if offset + length > vol.size:
+        raise OutOfRange(f"{doing} {length} bytes at offset {offset} reaches past the end of "
+                         f"volume {target} ({vol.size} bytes){after}")
+    return length
 
 
 # -- discard ---------------------------------------------------------------------------------
@@ -241,18 +246,10 @@ def discard(session: Session, target: Target, offset: int, length: int | None,
       thinpool discard demo/vol0 --yes
       thinpool discard demo/vol0 --offset 1M --length 4M --yes
     """
-    session.refuse_if_busy(target.pool)
     with session.pool(target.pool, write=True) as pool:
         vol = get_volume(pool, target)
         vol.check_writable("discard")
-        if offset > vol.size:
-            raise OutOfRange(f"offset {offset} is past the end of volume {target} "
-                             f"({vol.size} bytes)")
-        if length is None:
-            length = vol.size - offset
-        elif offset + length > vol.size:
-            raise OutOfRange(f"discarding {length} bytes at offset {offset} reaches past the end "
-                             f"of volume {target} ({vol.size} bytes); nothing was discarded")
+        length = _span(vol, target, offset, length, "discarding", "; nothing was discarded")
         if length == 0:
             output.echo(f"nothing to discard in {target} at offset {offset}")
             return

@@ -10,6 +10,8 @@ When a writer is at work its own uncommitted writes count too.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,24 +29,18 @@ class Unmapped:
 def unmapped_allocated(pool: Pool) -> Unmapped | None:
     """Free data blocks of ``pool`` that hold host space; None when the data is not a file."""
     st = pool.stat()
-    if st.data_path is None:
+    if st.data_path is None or not _is_file(st.data_path):
         return None
     meta = pool.metadata
     blocks = 0
-    found = False
     for first, count in allocated_runs(st.data_path, st.block_size, st.data_blocks_total):
-        found = True
         for lo in range(first, first + count, 1 << 20):
             hi = min(first + count, lo + (1 << 20))
             blocks += len(meta.still_free_data(np.arange(lo, hi, dtype=np.int64)))
-    if not found and not _is_file(st.data_path):
-        return None
     return Unmapped(blocks, blocks * st.block_size)
 
 
 def _is_file(path: str) -> bool:
-    import os
-    import stat
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
