@@ -283,3 +283,22 @@ def test_destructive_steps_need_yes_without_a_terminal(home, demo, tmp_path):
     r = tp(home, "export", "demo/vol0", str(existing), "--yes", check=0)
     assert existing.read_bytes() == (b"hello" * 1000).ljust(BS, b"\0")
     assert_checks_pass(demo / "metadata")
+
+
+def test_an_interrupt_wrapped_on_its_way_is_still_130(home, demo, monkeypatch, capsys):
+    """Python wraps a Ctrl-C that lands in a class body's ``__set_name__`` (a module imported
+    lazily mid-command) in a RuntimeError; it is still an interrupt."""
+    import thinpool.cli.info as info
+    from thinpool.cli import main
+
+    def landed_in_an_import(pool):
+        class Field:
+            def __set_name__(self, owner, name):
+                raise KeyboardInterrupt
+
+        class Registry:            # noqa: F841 - raises while it is made
+            volumes = Field()
+
+    monkeypatch.setattr(info, "pool_stat", landed_in_an_import)
+    assert main(["--home", str(home), "stat", "demo"]) == 130
+    assert capsys.readouterr().err == "thinpool: interrupted\n"

@@ -133,6 +133,9 @@ def _run(args: list[str]) -> int:
     except KeyboardInterrupt as e:
         return _interrupted(e)
     except Exception as e:  # noqa: BLE001 - the last resort: one line, no traceback
+        interrupt = _interrupt_inside(e)
+        if interrupt is not None:        # wrapped on the way, e.g. by class creation
+            return _interrupted(interrupt)
         _traceback(app.DEBUG)
         if app.DEBUG:
             output.error(f"unexpected error: {type(e).__name__}: {e}")
@@ -140,6 +143,18 @@ def _run(args: list[str]) -> int:
             output.error(f"unexpected error: {type(e).__name__}: {e} "
                          f"(run with --debug for a traceback)")
         return 1
+
+
+def _interrupt_inside(e: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt an exception was raised from, if any: Python wraps one that lands in a
+    class body's ``__set_name__`` (a module imported lazily mid-command) in a RuntimeError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _interrupted(e: BaseException) -> int:
