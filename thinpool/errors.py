@@ -152,3 +152,28 @@ class ChecksumMismatch(CorruptBlock):
 
 class IncompatibleMetadata(MetadataError):
     """Valid-looking metadata that this implementation must not open (feature flags, version)."""
+
+
+class MissingDependency(ThinpoolError, ImportError):
+    """An optional part of thinpool needs a package or program that is not installed: the
+    message names it and how to install it (``pip install 'thinpool[fuse]'``, a Debian
+    package). ``what`` is the missing package or program."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
+class CommandFailed(ThinpoolError):
+    """A host program the exports run (``losetup``, ``umount``, ``mount``) failed. Keeps the
+    evidence: ``argv``, ``returncode`` (None when it timed out) and ``stderr``."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, argv: list[str], returncode: int | None, stderr: str):
+        super().__init__(message)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr

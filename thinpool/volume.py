@@ -13,6 +13,11 @@ Semantics (those of a dm-thin device):
 * Requests reaching past ``size`` raise :class:`~thinpool.errors.OutOfRange` and change nothing; a
   write that needs more new blocks than the pool has free raises
   :class:`~thinpool.errors.NoDataSpace` before anything is written.
+* ``write_zeroes`` makes a range read as zeros (the block layer's WRITE ZEROES): with
+  ``unmap=True`` it is ``discard``; with ``unmap=False`` every block of the range is provisioned,
+  as a write of zeros would (unmapped and shared blocks get new data blocks of their own), but the
+  whole blocks are zeroed on the data device (a hole punched in a file, ``BLKZEROOUT`` on a
+  device) instead of zero bytes passing through memory. Its failures are those of ``write``.
 * ``flush`` makes every write before it durable (it commits the pool).
 * A handle names its device by id and creation epoch: after the device is deleted every call
   raises :class:`~thinpool.errors.NotFound`, even if a new device got the same id.
@@ -179,13 +184,33 @@ class Volume:
             while not self._write(offset, data):
                 pass       # waited for space: the pool may have changed, start over
 
-    def _write(self, offset: int, data, limit: int | None = None) -> bool:
-        data = memoryview(data).cast("B")
-        length = data.nbytes
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros. ``unmap=True``: as :meth:`discard`
+        (whole blocks unmapped). ``unmap=False``: the blocks stay (or become) provisioned, so a
+        later write into them needs no new data block; new blocks are allocated before anything
+        changes (NoDataSpace changes nothing). Costs one zeroing call per run of whole blocks."""
+        if unmap:
+            with self.pool._guard():
+                self._discard(offset, length, "write zeroes")
+            return
+        with self.pool._guard():
+            while not self._write(offset, None, zero_length=length):
+                pass       # waited for space: the pool may have changed, start over
+
+    def _write(self, offset: int, data, limit: int | None = None,
+               zero_length: int | None = None) -> bool:
+        """Write ``data`` at ``offset``; ``data=None`` writes ``zero_length`` zeros (whole
+        blocks zeroed on the data device, see :meth:`write_zeroes`). False: it waited for space
+        and changed nothing; the caller starts over."""
+        if data is None:
+            length, what = zero_length, "write zeroes"
+        else:
+            data = memoryview(data).cast("B")
+            length, what = data.nbytes, "write"
         pool = self.pool
         if self._live().read_only:
-            raise VolumeReadOnly(pool.name, self.name, "write")
-        self._check_range(offset, length, "write", limit)
+            raise VolumeReadOnly(pool.name, self.name, what)
+        self._check_range(offset, length, what, limit)
         pool._check_writable()
         if length == 0:
             return True
@@ -220,7 +245,7 @@ class Volume:
         for vb, db, n in _runs({v: (b, 0) for v, b in in_place.items()}):
             lo = max(offset, vb * bs)
             hi = min(end, (vb + n) * bs)
-            dev.write_span(db, lo - vb * bs, data[lo - offset: hi - offset])
+            _put(dev, db, lo - vb * bs, data, lo - offset, hi - lo)
         if not fresh:
             return True
         # New blocks: only the first and last block of a write can be partly covered. Those get
@@ -238,7 +263,7 @@ class Volume:
             for vb, db, n in _runs({v: (int(b), 0) for v, b in zip(fresh, new)}, 1 << 30):
                 lo = max(offset, vb * bs)
                 hi = min(end, (vb + n) * bs)
-                dev.write_span(db, lo - vb * bs, data[lo - offset: hi - offset])
+                _put(dev, db, lo - vb * bs, data, lo - offset, hi - lo)
         except BaseException:
             pool._release(new, mark)     # the transaction is as it was before this write
             raise
@@ -253,11 +278,11 @@ class Volume:
         with self.pool._guard():
             self._discard(offset, length)
 
-    def _discard(self, offset: int, length: int) -> None:
+    def _discard(self, offset: int, length: int, what: str = "discard") -> None:
         pool = self.pool
         if self._live().read_only:
-            raise VolumeReadOnly(pool.name, self.name, "discard")
-        self._check_range(offset, length, "discard")
+            raise VolumeReadOnly(pool.name, self.name, what)
+        self._check_range(offset, length, what)
         pool._check_writable()
         if length == 0:
             return
@@ -350,6 +375,26 @@ class Volume:
 
 
 _MISS = object()           # "not in the lookup cache" (None there means "known unmapped")
+
+
+def _put(dev, db: int, rel: int, data, at: int, n: int) -> None:
+    """Write ``n`` bytes from ``rel`` of data block ``db`` on (through the following blocks of
+    the run): ``data[at:at + n]``, or zeros when ``data`` is None, the whole blocks among them
+    zeroed on the device in one call."""
+    if data is not None:
+        dev.write_span(db, rel, data[at: at + n])
+        return
+    bs = dev.block_size
+    end = rel + n
+    lo, hi = -(-rel // bs), end // bs            # the whole blocks of the span: [lo, hi)
+    if lo >= hi:
+        dev.write_span(db, rel, bytes(n))
+        return
+    if rel < lo * bs:
+        dev.write_span(db, rel, bytes(lo * bs - rel))
+    dev.zero_blocks(db + lo, hi - lo)
+    if end > hi * bs:
+        dev.write_span(db + hi, 0, bytes(end - hi * bs))
 
 
 def _runs(maps: dict[int, tuple[int, int]], max_len: int = 256):
