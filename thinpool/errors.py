@@ -166,13 +166,16 @@ class MissingDependency(ThinpoolError, ImportError):
         self.what = what
 
 
-class CommandFailed(ThinpoolError):
-    """A host program the exports run (``losetup``, ``umount``, ``mount``) failed. Keeps the
-    evidence: ``argv``, ``returncode`` (None when it timed out) and ``stderr``."""
+class ExportError(ThinpoolError):
+    """Setting up or tearing down an export failed: a FUSE mount, a loop device, a host program
+    the exports run (``losetup``, ``umount``). The message says which step failed and what was
+    left behind (normally nothing: the steps done are undone first). When a host program failed
+    its ``argv``, ``returncode`` (None when it timed out) and ``stderr`` are kept."""
 
     exit_code = 1
 
-    def __init__(self, message: str, *, argv: list[str], returncode: int | None, stderr: str):
+    def __init__(self, message: str, *, argv: list[str] | None = None,
+                 returncode: int | None = None, stderr: str = ""):
         super().__init__(message)
         self.argv = argv
         self.returncode = returncode
