@@ -116,16 +116,23 @@ def _libc_fallocate() -> Callable[..., int] | None:
     global _fallocate_fn
     if _fallocate_fn is _NOT_LOOKED_UP:
         fn = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols first: find_library runs ldconfig in a child process, and
+        # a fork from a FUSE request's thread can deadlock (the child's closing of an inherited
+        # descriptor of the FUSE file waits for a lock that request holds).
+        for lib in (None, "find"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") if lib else None,
+                                   use_errno=True)
+            except OSError:
+                continue
             for name in ("fallocate64", "fallocate"):
                 fn = getattr(libc, name, None)
                 if fn is not None:
                     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
                     fn.restype = ctypes.c_int
                     break
-        except OSError:
-            fn = None
+            if fn is not None:
+                break
         _fallocate_fn = fn
     return _fallocate_fn  # type: ignore[return-value]
 
