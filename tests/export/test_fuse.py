@@ -154,6 +154,13 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     return ctypes.get_errno()
 
 
+def _caught_signals() -> int:
+    """The process's caught-signals mask (SigCgt in /proc/self/status), SIGHUP and SIGTERM."""
+    with open("/proc/self/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return mask & ((1 << (1 - 1)) | (1 << (15 - 1)))
+
+
 def _read_direct(device: str, offset: int, length: int) -> bytes:
     """Read a block device with O_DIRECT (no page cache of the loop device in the way)."""
     buf = mmap.mmap(-1, length)
@@ -200,7 +207,10 @@ def test_import_without_mfusepy_is_a_typed_error():
 def test_the_file_behaves_as_a_block_device(tmp_path, pool):
     size = 8 * MiB + 512
     vol = pool.create_thin("vol", size)
+    caught = _caught_signals()
     with attached(pool, "vol", tmp_path / "run") as a:
+        # libfuse took SIGHUP and SIGTERM over; attach gave them back (a SIGTERM still ends us).
+        assert _caught_signals() == caught
         assert a.mountpoint == (tmp_path / "run" / "vol").resolve()
         assert (a.volume, a.read_only) == ("vol", False)
         assert os.listdir(a.mountpoint) == ["vol"]

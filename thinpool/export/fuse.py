@@ -81,7 +81,9 @@ class Attachment:
         self.mountpoint = mountpoint
         #: The one file in the FUSE filesystem: ``mountpoint / volume``.
         self.file = mountpoint / volume
+        #: The loop device ("/dev/loopN"); it keeps its name after close.
         self.loop_device: str | None = None
+        self._bound = False               # the loop device is ours and bound to the file
         self._made_dir = made_dir
         self._ops = VolumeFile(pool.volume(volume), read_only)
         self._thread: threading.Thread | None = None
@@ -117,7 +119,7 @@ class Attachment:
             if self._closed:
                 return
             deadline = time.monotonic() + timeout
-            if self.loop_device is not None:
+            if self._bound:
                 self._detach_loop(deadline)
             self._stop_fuse(deadline)
             self._closed = True
@@ -161,6 +163,9 @@ class Attachment:
 
     def _detach_loop(self, deadline: float) -> None:
         dev = self.loop_device
+        if loop.backing_file(dev) != str(self.file):
+            self._bound = False       # gone already (autoclear): its number may be another's now
+            return
         users = loop.users_of(dev)
         if users:
             raise BusyError(f"{dev} (volume {self.pool.name}/{self.volume}) is in use: "
@@ -174,7 +179,7 @@ class Attachment:
             raise BusyError(f"{dev} (volume {self.pool.name}/{self.volume}) is still open "
                             f"elsewhere after 'losetup -d'; the kernel detaches it when the last "
                             f"user closes it: close this attachment again then")
-        self.loop_device = None
+        self._bound = False
 
     def _stop_fuse(self, deadline: float) -> None:
         if self._thread is not None:
@@ -194,10 +199,10 @@ class Attachment:
         """Tear down whatever attach had set up, after a failure midway."""
         deadline = time.monotonic() + START_TIMEOUT
         try:
-            if self.loop_device is not None:
+            if self._bound:
                 loop.detach_loop(self.loop_device)
                 loop.wait_detached(self.file, START_TIMEOUT)
-                self.loop_device = None
+                self._bound = False
         finally:
             self._stop_fuse(deadline)
 
@@ -209,14 +214,19 @@ def attach(pool: "Pool", volume: str, *, read_only: bool, run_dir: Path) -> Atta
     vol = pool.volume(volume)                          # NotFound
     read_only = bool(read_only or vol.read_only or pool.read_only)
     mountpoint, made_dir = _mountpoint(Path(run_dir), volume)
-    a = Attachment(pool, volume, read_only, mountpoint, made_dir)
+    a = None
     try:
+        a = Attachment(pool, volume, read_only, mountpoint, made_dir)
         a._start_fuse()
         a.loop_device = loop.attach_loop(a.file, read_only=read_only)
+        a._bound = True
     except BaseException:
         try:
-            a._undo()
-        except ThinpoolError:
+            if a is not None:
+                a._undo()
+            elif made_dir:
+                mountpoint.rmdir()
+        except (ThinpoolError, OSError):
             pass                      # (the first error is the one to report)
         raise
     with _open_guard:
