@@ -10,6 +10,7 @@ Layout:
 * ``info.py``    stat, list
 * ``data.py``    write, read, import, export
 * ``mapping.py`` map, diff (a volume's mappings in bytes; two volumes' differing ranges)
+* ``exports.py`` serve (the pool's volumes over NBD, in the foreground or as a daemon; --stop)
 * ``safety.py``  what commands check before they write a file they are given (a pool's own
                  files are refused, a non-empty output needs a yes) and how they write it
 
@@ -35,7 +36,7 @@ import os
 import signal
 import sys
 
-COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping")
+COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping", "exports")
 
 #: Every exit code the command line uses, with its meaning (README.md lists the same).
 EXIT_CODES = {0: "success", 1: "failure", 2: "bad usage or argument",

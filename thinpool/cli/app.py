@@ -188,12 +188,26 @@ class Session:
         return path
 
     def busy(self, name: str, pid: int | None) -> BusyError:
-        """The one-line error for a pool another process is changing."""
+        """The one-line error for a pool another process is changing (served by ``thinpool
+        serve``: which process, and how to stop it)."""
+        served = self._served_by(name, pid)
+        if served is not None:
+            return BusyError(f"pool {name!r} is being served by thinpool serve (process {pid}, "
+                             f"on {served.get('socket')}); stop it with 'thinpool serve {name} "
+                             f"--stop' first", holder_pid=pid)
         who = f"process {pid}{process_command(pid)}" if pid else "another process"
         hint = ("; pass --wait to wait for it (--wait=SECONDS for at most that long)"
                 if self.wait == 0 else
                 f" (waited {self.wait:g} s)" if self.wait is not None else "")
         return BusyError(f"pool {name!r} is in use by {who}{hint}", holder_pid=pid)
+
+    def _served_by(self, name: str, pid: int | None) -> dict | None:
+        """The state of the ``thinpool serve`` holding pool ``name`` if ``pid`` is that."""
+        if not pid:
+            return None
+        from thinpool.export.state import read_state
+        state = read_state(self.pool_path(name))
+        return state if state is not None and state.get("pid") == pid else None
 
     def refuse_if_busy(self, name: str) -> None:
         """Fail now, as opening it for writing would, if another process is changing the pool

@@ -40,7 +40,24 @@ def pool_stat(pool) -> dict:
         mode = PoolMode.WRITE
     st["mode"] = mode.label
     _add_sharing(pool, st)
+    _add_serving(pool, st)
     return st
+
+
+def _add_serving(pool, st: dict) -> None:
+    """``served`` (the running ``thinpool serve`` of the pool: pid, socket, tcp; or None) and,
+    per volume, ``served`` (exported over NBD) and ``attached`` (its loop device, or None)."""
+    from thinpool.export.state import read_state
+
+    state = None if pool.path is None else read_state(pool.path)
+    st["served"] = None if state is None else {
+        "pid": state.get("pid"), "socket": state.get("socket"), "tcp": state.get("tcp"),
+        "read_only": state.get("read_only")}
+    vols = {} if state is None else {v.get("name"): v for v in state.get("volumes", [])}
+    for v in st["volumes"]:
+        entry = vols.get(v["name"])
+        v["served"] = entry is not None and bool(entry.get("nbd"))
+        v["attached"] = None if entry is None else entry.get("attached")
 
 
 def _add_sharing(pool, st: dict) -> None:
@@ -151,18 +168,33 @@ def _show_pool(st: dict) -> None:
         ("transaction id", str(st["transaction_id"])),
         ("mode", mode),
         *([("degraded", st["degraded"])] if st.get("degraded") else []),
+        *([("served", _served_line(st["served"]))] if st.get("served") else []),
     ])
     if not st["volumes"]:
         output.line("  no volumes")
         return
+    served = bool(st.get("served"))
     output.table(None, [("name", "left"), ("dev id", "right"), ("virtual size", "right"),
                         ("mapped", "right"), ("mapped %", "right"), ("exclusive", "right"),
-                        ("shared", "right"), ("attr", "left"), ("origin", "left")],
+                        ("shared", "right"), ("attr", "left"), ("origin", "left"),
+                        *([("served", "left")] if served else [])],
                  [(v["name"], str(v["dev_id"]), format_size(v["size"]),
                    format_size(v["mapped_bytes"]), _pct(min(v["mapped_bytes"], v["size"]), v["size"]),
                    format_size(v["exclusive_blocks"] * bs), format_size(v["shared_blocks"] * bs),
                    "r" if v.get("read_only") else "w",
-                   v["origin"] or "-") for v in st["volumes"]], indent=2)
+                   v["origin"] or "-", *([_served_cell(v)] if served else []))
+                  for v in st["volumes"]], indent=2)
+
+
+def _served_line(served: dict) -> str:
+    where = served["socket"] + (f" and tcp {served['tcp']}" if served.get("tcp") else "")
+    return f"over NBD by thinpool serve (pid {served['pid']}) on {where}"
+
+
+def _served_cell(v: dict) -> str:
+    if not v.get("served"):
+        return "-"
+    return "nbd" + (f", {v['attached']}" if v.get("attached") else "")
 
 
 def _show_volume(st: dict, v: dict) -> None:
@@ -177,6 +209,8 @@ def _show_volume(st: dict, v: dict) -> None:
         ("shared", f"{format_size(v['shared_blocks'] * st['block_size'])} "
                    f"({v['shared_blocks']} blocks shared with other volumes)"),
         ("origin", v["origin"] or "-"),
+        ("served", "over NBD" + (f", attached at {v['attached']}" if v.get("attached") else "")
+         if v.get("served") else "no"),
         ("read-only", "yes (writes, discards and resizes are refused; 'thinpool configure "
                       f"{st['name']}/{v['name']} --read-write' makes it writable)"
          if v.get("read_only") else "no"),
