@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from tests.export.conftest import BS, VOL_SIZE
-from tests.export.nbdclient import Closed, NBDClient
+from tests.export.nbdclient import NBDClient
 from tests.tptools import requires_tools
 from thinpool import Pool
 from thinpool.export import nbd_wire as w

@@ -153,8 +153,9 @@ def _start_background(session: Session, name: str, path: Path, opts) -> None:
 
     session.refuse_if_busy(name)
     argv = [sys.executable, "-m", "thinpool", "--home", str(session.home.absolute()),
-            *(["--debug"] if app.DEBUG else []), "serve", name,
-            "--commit-interval", repr(opts.commit_interval)]
+            *(["--debug"] if app.DEBUG else []), "serve", name]
+    if opts.commit_interval != 1.0:
+        argv += ["--commit-interval", repr(opts.commit_interval)]
     if opts.socket is not None:
         argv += ["--socket", str(opts.socket)]
     if opts.tcp is not None:
