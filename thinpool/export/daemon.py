@@ -296,8 +296,12 @@ class Daemon:
         fuse = _fuse_module()
         run_dir = self.dir / RUN_NAME
         run_dir.mkdir(exist_ok=True)
-        att = fuse.attach(self.pool, name, read_only=read_only or self.server.is_read_only(name),
-                          run_dir=run_dir)
+        try:
+            att = fuse.attach(self.pool, name, read_only=read_only or self.server.is_read_only(name),
+                              run_dir=run_dir)
+        except ImportError as e:          # mfusepy (or libfuse) missing, found only now
+            raise ThinpoolError(f"attaching {self.pool.name}/{name} needs mfusepy and libfuse3 "
+                                f"(pip install mfusepy): {e}") from None
         self.attachments[name] = att
         self.write_state()
         log.info("attached %s at %s", name, att.loop_device)
