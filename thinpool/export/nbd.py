@@ -30,8 +30,10 @@ Contract:
 * **Threads.** One thread accepts on every listening socket; each connection is served by a
   thread of its own (:mod:`.nbd_conn`), handling its requests in order (replies never
   interleave); a timer thread commits. Pool I/O blocks (pread/pwrite/fsync, a wait for space) and the pool serialises
-  metadata changes under its own mutex; in CPython threads measured faster than an asyncio loop
-  handing each request to a thread pool (see bench/test_nbd.py's docstring).
+  metadata changes under its own mutex, so a thread per connection runs it directly; an asyncio
+  loop would have to hand every request to a thread pool (a cross-thread hand-off each) or stall
+  every connection during an fsync or a wait for space. Not measured against an asyncio
+  variant: see bench/test_nbd.py for the figures against qemu-nbd.
 * **Stopping.** :meth:`NBDServer.close` stops accepting, lets each connection finish the request
   it is in, closes them, joins the threads and commits. It leaves the pool open: its owner closes
   it. An exception from the final commit goes up after every thread has stopped.
