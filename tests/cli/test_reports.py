@@ -141,7 +141,17 @@ def test_help_lists_the_fields(pool, cmd):
     (("stat", "demo", "-o", ","), "-o needs field names"),
     (("list", "--json", "-o", "name"), "--json prints every key"),
     (("stat", "demo", "--units", "x"), "--units"),
+    (("list", "--separator", "a\nb"), "line break"),
 ])
 def test_bad_report_options(pool, args, what):
     r = tp(pool, *args, check=2)
     assert what in r.stderr and len(r.stderr.strip().splitlines()) == 1 and r.out == ""
+
+
+def test_separator_that_is_not_utf8(pool):
+    import os
+    import subprocess
+    from tests.cli.helpers import THINPOOL, clean_env
+    r = subprocess.run([*THINPOOL, "--home", str(pool), "list", "--separator",
+                        os.fsdecode(b"\xff")], capture_output=True, env=clean_env())
+    assert r.returncode == 2 and b"not UTF-8" in r.stderr and r.stdout == b""

@@ -200,6 +200,17 @@ class Report:
     separator: str | None = None
     sort_keys: str | None = None
 
+    def __post_init__(self) -> None:
+        sep = self.separator
+        if sep is not None:
+            try:
+                sep.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"--separator {sep!r} is not text the output can "
+                                      f"carry (it is not UTF-8)") from None
+            if "\n" in sep or "\r" in sep:
+                raise InvalidArgument("--separator cannot hold a line break")
+
     @property
     def asked(self) -> bool:
         """Any report option given (the commands then print only the report)."""
