@@ -7,9 +7,10 @@ Layout:
 * ``output.py``  the one output gateway (stdout/stderr, ``--json``, rich tables, progress bars)
 * ``pools.py``   create, resize, destroy
 * ``volumes.py`` snapshot, delete
-* ``info.py``    stat, list
+* ``info.py``    stat, list (their lvs-style report options and rendering: ``report.py``)
 * ``data.py``    write, read, import, export
 * ``mapping.py`` map, diff (a volume's mappings in bytes; two volumes' differing ranges)
+* ``adopt.py``   adopt (an existing dm-thin metadata/data pair as a pool)
 * ``exports.py`` serve (the pool's volumes over NBD, in the foreground or as a daemon; --stop)
 * ``safety.py``  what commands check before they write a file they are given (a pool's own
                  files are refused, a non-empty output needs a yes) and how they write it
@@ -36,7 +37,8 @@ import os
 import signal
 import sys
 
-COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping", "exports")
+COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping", "adopt",
+                   "exports")
 
 #: Every exit code the command line uses, with its meaning (README.md lists the same).
 EXIT_CODES = {0: "success", 1: "failure", 2: "bad usage or argument",
