@@ -104,8 +104,9 @@ def test_daemon_start_busy_stat_stop(home, pool):
         assert lines[0] == f"nbd+unix:///v?socket={pool / 'nbd.sock'}"
         assert lines[1].startswith("nbd://127.0.0.1:") and lines[1].endswith("/v")
         assert "in the background" in r.stderr and pid is not None
-        # other writers: exit 5, naming thinpool serve and --stop
-        r = tp(home, "create", "p/x", "--size", "1M")
+        # other writers (but the volume commands thinpool serve runs for them, see
+        # test_forward.py): exit 5, naming thinpool serve and --stop
+        r = tp(home, "write", "p/v", input=b"x")
         assert_one_line_error(r, 5, "being served by thinpool serve", f"process {pid}",
                               "thinpool serve p --stop")
         r = tp(home, "serve", "p")

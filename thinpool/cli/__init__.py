@@ -102,8 +102,11 @@ def _run(args: list[str]) -> int:
 
     from . import app, output
 
-    args = _wait_args(args)
+    from .forward import Forward, forward
+
+    given, args = args, _wait_args(args)
     app.DEBUG = os.environ.get("THINPOOL_DEBUG", "") not in ("", "0")
+    app.CONFIRMED = False
     try:
         # What click's Command.main does with standalone_mode=False, without its turning an
         # interrupt into Abort (after a blank line on stderr) and EPIPE into exit 1.
@@ -113,6 +116,12 @@ def _run(args: list[str]) -> int:
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:          # --help, --version
         return e.exit_code
+    except Forward as f:                        # the pool's thinpool serve runs it
+        try:
+            return forward(given, f, app.CONFIRMED)
+        except ThinpoolError as e:
+            output.error(str(e))
+            return e.exit_code
     except output.StdoutError as e:
         if not e.quiet:
             output.error(str(e))

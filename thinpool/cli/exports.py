@@ -10,8 +10,11 @@
 * ``serve POOL --stop`` asks the running one over its control socket and waits until its
   process is gone.
 
-While a pool is served, every command that changes it fails with exit 5 naming the serving
-process and ``--stop`` (:meth:`~thinpool.cli.app.Session.busy`); ``stat`` shows what is served.
+While a pool is served, the commands that change volumes (create, snapshot, delete, rename,
+resize, configure, revert, merge, discard) are run by the serving process for whoever asks
+(:mod:`.forward`); every other command that changes the pool fails with exit 5 naming the
+serving process and ``--stop`` (:meth:`~thinpool.cli.app.Session.busy`); ``stat`` shows what is
+served.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def _serve_foreground(session: Session, name: str, path: Path, opts, ready_fd) -
     from thinpool.export.daemon import Daemon
 
     with session.pool(name, write=True) as pool:
-        daemon = Daemon(pool, path, opts)
+        from .forward import run_held
+        daemon = Daemon(pool, path, opts, run_command=run_held)
         daemon.start()
         saved = {}
         try:

@@ -7,7 +7,8 @@ for the daemon's whole life: other writers get BusyError naming this process) an
 * listens for NBD clients on a Unix socket (``POOL_DIR/nbd.sock`` unless another path is given)
   and, if asked, on TCP (:class:`~thinpool.export.nbd.NBDServer`; every volume is an export);
 * listens on a control socket, ``POOL_DIR/control.sock``: one JSON request per line, one JSON
-  answer per line (``status``, ``stop``, ``attach``, ``detach``; see :meth:`Daemon.control`);
+  answer per line (``status``, ``stop``, ``attach``, ``detach``, ``run``: see
+  :meth:`Daemon.control`);
   errors are ``{"ok": false, "error": MESSAGE, "exit_code": N}``;
 * writes ``POOL_DIR/serve.pid`` and the state file ``POOL_DIR/exports.json`` (atomically: temp
   file, fsync, rename), which says what is served: pid, socket, TCP address, and per volume
@@ -67,8 +68,12 @@ class ServeOptions:
 
 # -- the daemon ----------------------------------------------------------------------------------
 class Daemon:
-    def __init__(self, pool: "Pool", pool_dir, options: ServeOptions | None = None):
+    def __init__(self, pool: "Pool", pool_dir, options: ServeOptions | None = None,
+                 run_command=None):
         self.pool = pool
+        #: ``run_command(request, daemon) -> answer``: runs ``{"op": "run"}`` requests (the
+        #: command line gives one: commands other processes send to the pool it holds).
+        self.run_command = run_command
         self.dir = Path(pool_dir)
         self.options = options or ServeOptions()
         self.socket_path = str(self.options.socket or self.dir / SOCKET_NAME)
@@ -259,7 +264,8 @@ class Daemon:
     def control(self, request: dict) -> dict:
         """Answer one control request: ``{"op": "status"}`` (the state), ``{"op": "stop"}``,
         ``{"op": "attach", "volume": NAME, "read_only": bool}`` (``loop_device`` in the
-        answer), ``{"op": "detach", "volume": NAME}``."""
+        answer), ``{"op": "detach", "volume": NAME}``, ``{"op": "run", ...}`` (a command another
+        process sends to the pool held here: :attr:`run_command`)."""
         op = request.get("op")
         try:
             with self._mutex:
@@ -272,6 +278,13 @@ class Daemon:
                 if op == "attach":
                     return {"ok": True, "loop_device": self._attach(
                         request.get("volume"), bool(request.get("read_only", False)))}
+                if op == "run":
+                    if self.run_command is None:
+                        raise InvalidArgument("this thinpool serve runs no commands for others")
+                    try:
+                        return self.run_command(request, self)
+                    finally:
+                        self.write_state()        # volumes may have come or gone
                 if op == "detach":
                     name = request.get("volume")
                     if name not in self.attachments:
@@ -279,13 +292,26 @@ class Daemon:
                     self._detach(name)
                     return {"ok": True}
                 raise InvalidArgument(f"unknown control request {op!r} (status, stop, attach, "
-                                      f"detach)")
+                                      f"detach, run)")
         except ThinpoolError as e:
             return _error(e)
         except Exception as e:  # noqa: BLE001 - the daemon answers, whatever happened
             log.exception("control request %r failed", request)
             return {"ok": False, "error": f"unexpected error: {type(e).__name__}: {e}",
                     "exit_code": 1}
+
+    def in_use(self, name: str) -> str | None:
+        """How volume ``name`` is in use here (attached, open on NBD connections), or None."""
+        uses = []
+        att = self.attachments.get(name)
+        if att is not None:
+            uses.append(f"attached as {att.loop_device}")
+        n = self.server.users(name) if self.server is not None else 0
+        if n:
+            uses.append(f"open on {n} NBD connection{'' if n == 1 else 's'}")
+        if not uses:
+            return None
+        return " and ".join(uses) + f" (thinpool serve, process {os.getpid()})"
 
     def _attach(self, name, read_only: bool) -> str:
         if not isinstance(name, str) or name not in self.server.export_names():

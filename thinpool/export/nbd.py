@@ -84,6 +84,7 @@ class NBDServer:
         self._unix_paths: list[str] = []
         self._volumes: dict[str, "Volume"] = {}    # one shared handle per volume
         self._conns: dict[int, socket.socket] = {}
+        self._sessions: dict[int, Connection] = {}   # the same connections, as served
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -151,6 +152,11 @@ class NBDServer:
         if self._only is not None:
             names = [n for n in names if n in self._only]
         return names
+
+    def users(self, name: str) -> int:
+        """How many connections are in transmission on export ``name`` now."""
+        with self._lock:
+            return sum(1 for c in self._sessions.values() if c.export_name == name)
 
     def is_read_only(self, name: str) -> bool:
         return self.read_only or self.pool.volume(name).read_only
@@ -252,6 +258,8 @@ class NBDServer:
             self._conns[key] = sock
             self.connections_served += 1
         conn = Connection(self, sock)
+        with self._lock:
+            self._sessions[key] = conn
         try:
             conn.run()
         except Hangup as e:
@@ -264,6 +272,7 @@ class NBDServer:
         finally:
             with self._lock:
                 self._conns.pop(key, None)
+                self._sessions.pop(key, None)
             try:
                 sock.close()
             except OSError:

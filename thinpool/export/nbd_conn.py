@@ -98,6 +98,7 @@ class Connection:
         self.sock = sock
         self.rfile = sock.makefile("rb", buffering=256 << 10)
         self.no_zeroes = False
+        self.export_name: str | None = None      # once in transmission
         self.structured = False
         self.context: bytes | None = None       # the export name base:allocation was set for
         self.wrote = False
@@ -133,6 +134,7 @@ class Connection:
         self.no_zeroes = bool(cflags & w.CLIENT_NO_ZEROES)
         export = self.options()
         if export is not None:
+            self.export_name = export.name
             self.transmission(export)
 
     def reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
