@@ -1,16 +1,16 @@
 """A volume as a block device: ``dd`` through a loop device over the volume's FUSE file
 (``thinpool.export.fuse``) against ``dd`` through a loop device over a plain sparse file on the
-same file system (workloads 13a/13b of the table).
+same file system (workloads 12a/12b of the table).
 
 Both loop devices use ``--direct-io=on``. Each side's round:
 
-* **13a write**: ``dd if=SRC of=/dev/loopN bs=1M count=256 oflag=direct conv=fsync``: 256 MiB
+* **12a write**: ``dd if=SRC of=/dev/loopN bs=1M count=256 oflag=direct conv=fsync``: 256 MiB
   of random bytes (a file read from the page cache) into an empty device, then one flush. On
   thinpool's side the flush reaches the volume as ``fsync``, a commit (data fsync, metadata);
   on the baseline's side it is the sparse file's fsync. Before each round (not timed)
   ``blkdiscard`` empties both devices: the volume's blocks are unmapped, the file's punched, so
   every round provisions its blocks again.
-* **13b read**: ``dd if=/dev/loopN of=/dev/null bs=1M count=256 iflag=direct`` of what 13a wrote.
+* **12b read**: ``dd if=/dev/loopN of=/dev/null bs=1M count=256 iflag=direct`` of what 12a wrote.
 
 The sides run in alternation, one baseline round before each thinpool round
 (``_util.alternate``). Needs root, ``/dev/fuse``, ``/dev/loop-control``, ``losetup``,
@@ -35,8 +35,8 @@ SIZE = 256 * MiB                 # bytes per round
 DEVICE = 320 * MiB               # the volume's and the sparse file's size
 ROUNDS = 5
 
-WRITE = "13a. FUSE + loop: dd 256 MiB bs=1M oflag=direct + fsync vs loop over a sparse file"
-READ = "13b. FUSE + loop: dd 256 MiB bs=1M iflag=direct vs loop over a sparse file"
+WRITE = "12a. FUSE + loop: dd 256 MiB bs=1M oflag=direct + fsync vs loop over a sparse file"
+READ = "12b. FUSE + loop: dd 256 MiB bs=1M iflag=direct vs loop over a sparse file"
 
 
 def _skip_reason() -> str | None:
@@ -109,7 +109,7 @@ def _discard(dev: str) -> None:
     run([need_tool("blkdiscard", "util-linux"), dev])
 
 
-@pytest.mark.benchmark(group="13 FUSE + loop")
+@pytest.mark.benchmark(group="12 FUSE + loop")
 def test_fuse_loop_write(benchmark, devices):
     tp_dev, raw_dev, src = devices
 
@@ -126,10 +126,10 @@ def test_fuse_loop_write(benchmark, devices):
         amount=SIZE / MiB, times=raw_times[1:])
 
 
-@pytest.mark.benchmark(group="13 FUSE + loop")
+@pytest.mark.benchmark(group="12 FUSE + loop")
 def test_fuse_loop_read(benchmark, devices):
     tp_dev, raw_dev, src = devices
-    for dev in (tp_dev, raw_dev):                 # (what 13a left, written once more)
+    for dev in (tp_dev, raw_dev):                 # (what 12a left, written once more)
         run([need_tool("dd", "coreutils"), *_write_argv(src, dev), "status=none"])
     setup, raw_times = alternate(lambda: _dd(*_read_argv(raw_dev)))
     benchmark.pedantic(_dd, args=tuple(_read_argv(tp_dev)), setup=setup, rounds=ROUNDS,

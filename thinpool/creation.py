@@ -6,6 +6,11 @@ fails (or is interrupted), removes whatever it had made, so there is never a hal
 refuses to format a metadata device that already holds dm-thin metadata. The pool is then opened
 by ``Pool.create``. Sizes follow the kernel's guidance (``default_metadata_size``) and limits.
 
+:func:`adopt_pool_files` makes a pool of an existing dm-thin metadata/data pair (LVM's
+``_tmeta``/``_tdata`` copied out, metadata from ``thin_restore``): it reads the metadata
+read-only and writes only the pool's own records (pool.json and the names, naming each device
+by its id), so on any failure the given files are as they were and nothing else is left.
+
 :func:`rename_pool_dir` gives a pool's directory a new name under the pool's writer lock (no
 other command changes the pool meanwhile; readers that have it open go on through their open
 files). One ``rename(2)``, then the parent directory is synced: after a crash the pool is under
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import PoolOptions, _rel, _write_json
@@ -26,7 +31,7 @@ from .metadata import format as fmt
 from .metadata.block import SUPERBLOCK_VALIDATOR, create_metadata_file
 from .metadata.thin_metadata import ThinMetadata, check_data_block_size
 from .paths import CONFIG_COPY_NAME, CONFIG_NAME, NAMES_COPY_NAME, NAMES_NAME
-from .registry import Registry
+from .registry import Entry, Registry
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MIN_METADATA_SIZE = 2 * 1024 * 1024
@@ -157,21 +162,116 @@ def make_pool_files(path, data_size: int | None, block_size: int, metadata_size:
             create_metadata_file(mpath, msize)
             made.append(mpath)
         ThinMetadata.format(mpath, block_size // fmt.SECTOR_SIZE, nr_data_blocks).close()
-        config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path),
-                  "options": asdict(opts)}
-        made += [path / CONFIG_NAME, path / CONFIG_COPY_NAME]
-        _write_json(path / CONFIG_NAME, config)
-        made += [path / NAMES_NAME, path / NAMES_COPY_NAME]
-        Registry(str(path / NAMES_NAME)).save()
+        _write_records(path, dpath, mpath, opts, Registry(str(path / NAMES_NAME)), made)
     except BaseException:
-        for p in reversed(made):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        if made_dir:
-            shutil.rmtree(path, ignore_errors=True)
+        _undo(path, made, made_dir)
         raise
+
+
+def _write_records(path: Path, dpath: Path, mpath: Path, opts: PoolOptions, names: Registry,
+                   made: list[Path]) -> None:
+    """pool.json and the names (two copies each), noting in ``made`` what is written."""
+    config = {"version": 1, "data": _rel(dpath, path), "metadata": _rel(mpath, path),
+              "options": asdict(opts)}
+    made += [path / CONFIG_NAME, path / CONFIG_COPY_NAME]
+    _write_json(path / CONFIG_NAME, config)
+    made += [path / NAMES_NAME, path / NAMES_COPY_NAME]
+    names.save()
+
+
+def _undo(path: Path, made: list[Path], made_dir: bool) -> None:
+    for p in reversed(made):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    if made_dir:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Adopted:
+    """One device of an adopted pool: its new name, size and where the size came from."""
+    dev_id: int
+    name: str
+    size: int
+    mapped_blocks: int
+    #: "given" (``sizes``), "mapped" (up to its highest mapped block) or "empty" (nothing
+    #: mapped and no size given: one block).
+    size_from: str
+
+
+def adopt_pool_files(path, data_path, metadata_path, sizes: dict[int, int] | None = None,
+                     **options) -> list[Adopted]:
+    """Make directory ``path`` a pool over the existing ``metadata_path`` and ``data_path``
+    (see the module docstring). ``sizes`` gives device ids their virtual sizes in bytes; any
+    other device gets a size up to its highest mapped block. Every device is named by its id
+    (``rename`` names it better). Refused, before anything is written: metadata that is not
+    dm-thin's (MetadataError) or is flagged as needing a check, a data device smaller than
+    the metadata's data space, a size for a device the metadata lacks or below the device's
+    highest mapped block (InvalidArgument)."""
+    try:
+        opts = PoolOptions(**options).check()
+    except TypeError as e:
+        raise InvalidArgument(str(e)) from None
+    path, dpath, mpath = Path(path), Path(data_path), Path(metadata_path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise AlreadyExists(f"{path} exists already; choose another pool path")
+    for p in (dpath, mpath):
+        if not p.exists():
+            raise InvalidArgument(f"{p} does not exist")
+        if p.is_dir():
+            raise InvalidArgument(f"{p} is a directory, not a file or block device")
+    from .ownership import file_id
+    if file_id(dpath) == file_id(mpath):
+        raise InvalidArgument(f"data {dpath} and metadata {mpath} are the same file or device")
+    sizes = dict(sizes or {})
+    meta = ThinMetadata.open(mpath, read_only=True)
+    try:
+        if meta.needs_check:
+            raise MetadataError(f"{mpath} is flagged as needing a check (needs_check); check and "
+                                f"repair it first (thin_check, thinpool repair)")
+        block_size = meta.sb.data_block_size * fmt.SECTOR_SIZE
+        nr_data_blocks = meta.data_sm.nr_blocks
+        trans_id, ids = meta.trans_id, meta.device_ids()
+        found = {d: (meta.highest_mapped(d), meta.device(d).mapped_blocks) for d in ids}
+    finally:
+        meta.close()
+    with DataDevice.open(dpath, block_size) as dev:
+        if dev.size < nr_data_blocks * block_size:
+            raise InvalidArgument(f"data {dpath} holds {dev.size} bytes, less than the "
+                                  f"{nr_data_blocks} blocks of {block_size} bytes "
+                                  f"({nr_data_blocks * block_size} bytes) the metadata maps")
+    unknown = sorted(set(sizes) - set(ids))
+    if unknown:
+        raise InvalidArgument(f"no device {', '.join(map(str, unknown))} in {mpath} (it has "
+                              f"{', '.join(map(str, ids)) or 'none'})")
+    adopted = []
+    for d in ids:
+        last, mapped = found[d]
+        end = 0 if last is None else (last + 1) * block_size
+        if d in sizes:
+            size, size_from = check_volume_size(sizes[d]), "given"
+            if size <= end - block_size:
+                raise InvalidArgument(f"device {d} maps block {last} (bytes up to {end}); a "
+                                      f"size of {size} bytes would hide it")
+        elif last is None:
+            size, size_from = block_size, "empty"
+        else:
+            size, size_from = end, "mapped"
+        adopted.append(Adopted(d, str(d), size, mapped, size_from))
+    names = Registry(str(path / NAMES_NAME), transaction_id=trans_id,
+                     volumes={a.name: Entry(a.dev_id, a.size, epoch=trans_id) for a in adopted},
+                     next_id=max(ids, default=0) + 1)
+    made: list[Path] = []
+    made_dir = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _write_records(path, dpath, mpath, opts, names, made)
+    except BaseException:
+        _undo(path, made, made_dir)
+        raise
+    return adopted
 
 
 def _refuse_live_metadata(path: Path) -> None:

@@ -578,6 +578,13 @@ class Pool(DeviceChanges, SpacePolicy):
                               f"back to the host ({e}); it is retried after the next commit "
                               f"('thinpool trim {self.name}' also does it)")
 
+    def write_names(self) -> None:
+        """Bring the names file up to date now (a long-lived writer, after a change, so that
+        readers beside it find no operation pending); otherwise :meth:`close` does it."""
+        with self._mutex:
+            if self._registry is not None and self._meta is not None and not self.read_only:
+                self._registry.flush()
+
     def reserve_metadata_snap(self) -> int:
         """Commit and hold a metadata snapshot (the kernel's ``reserve_metadata_snap``): its trees
         stay intact for readers (``dump -m``) while the pool goes on. Returns its block."""

@@ -126,6 +126,33 @@ class Volume:
                 meta, meta.generation, cache, pool._data, self._bs)
             return data
 
+    def read_into(self, offset: int, out) -> None:
+        """:meth:`read` of ``len(out)`` bytes at ``offset`` into the caller's writable buffer
+        (a bytearray or a memoryview of one): data is read straight into it and unmapped
+        ranges are zero-filled, with no other copy (for servers moving large requests)."""
+        out = memoryview(out).cast("B")
+        pool = self.pool
+        with pool._guard():
+            pool._check_readable()
+            self._live()
+            length = out.nbytes
+            self._check_range(offset, length, "read")
+            if length == 0:
+                return
+            bs = self._bs
+            maps = self._map(offset // bs, (offset + length - 1) // bs)
+            dev = pool._data
+            pos = offset
+            for vb, db, n in _runs(maps):
+                lo = max(offset, vb * bs)
+                hi = min(offset + length, (vb + n) * bs)
+                if lo > pos:
+                    _zero(out[pos - offset: lo - offset])
+                dev.read_span_into(db, lo - vb * bs, out[lo - offset: hi - offset])
+                pos = hi
+            if pos < offset + length:
+                _zero(out[pos - offset:])
+
     def _fast_block(self, offset, length):
         """(cached mapping, vblock) when the request lies inside one block whose mapping the
         metadata's lookup cache already holds; None sends it down the general path. Call it
@@ -363,6 +390,28 @@ class Volume:
                       if not meta.is_shared(self.dev_id, t))
             return last - first + 1 - own
 
+    def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The ``[start, end)`` byte ranges of ``[offset, offset + length)`` whose blocks are
+        mapped (provisioned), in order, adjacent blocks merged; the rest reads as zeros.
+        OutOfRange past the end. One mapping-tree range walk (what NBD's ``base:allocation``
+        and ``qemu-img map`` ask for)."""
+        with self.pool._guard():
+            self.pool._check_readable()
+            self._live()
+            self._check_range(offset, length, "mapped_ranges")
+            if length == 0:
+                return []
+            bs = self._bs
+            end = offset + length
+            out: list[tuple[int, int]] = []
+            for vb in sorted(self._map(offset // bs, (end - 1) // bs)):
+                lo, hi = max(vb * bs, offset), min((vb + 1) * bs, end)
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+            return out
+
     def mappings(self) -> list[tuple[int, int, int]]:
         """Every mapping as (virtual block, data block, time), in order."""
         out = []
@@ -372,6 +421,18 @@ class Volume:
                 for k, v in zip(keys.tolist(), vals.tolist()):
                     out.append((k, v >> 24, v & fmt.TIME_MASK))
         return out
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zero(view: memoryview) -> None:
+    """Fill a writable byte view with zeros."""
+    n, pos = view.nbytes, 0
+    while pos < n:
+        k = min(len(_ZEROS), n - pos)
+        view[pos:pos + k] = _ZEROS[:k]
+        pos += k
 
 
 _MISS = object()           # "not in the lookup cache" (None there means "known unmapped")

@@ -68,10 +68,23 @@ def test_admin_session(home):
     doc = json.loads(tp(home, "stat", "demo", "--json", check=0).stdout)
     with Pool.open(home / "demo", read_only=True) as pool:
         want = pool.stat().as_dict()
-    assert set(doc) == set(want)
+    # stat adds the sizes in bytes of the block counts
+    byte_keys = {"data_size": "data_blocks_total", "data_used": "data_blocks_used",
+                 "data_free": "data_blocks_free"}
+    assert set(doc) == set(want) | set(byte_keys) | {"metadata_size", "metadata_used", "served"}
+    for k, blocks in byte_keys.items():
+        assert doc.pop(k) == want[blocks] * BS
+    assert (doc.pop("metadata_size"), doc.pop("metadata_used")) == \
+        (want["metadata_blocks_total"] * 4096, want["metadata_blocks_used"] * 4096)
+    assert doc.pop("served") is None                                   # no thinpool serve
+    assert [(v.pop("served"), v.pop("attached")) for v in doc["volumes"]] == [(False, None)] * 2
     want["mode"] = "write"           # the pool's mode, not the read-only handle's
-    # stat adds thin_ls's accounting per volume: the write after the snapshot broke the sharing.
-    assert [(v.pop("exclusive_blocks"), v.pop("shared_blocks")) for v in doc["volumes"]] == [(1, 0), (1, 0)]
+    # stat adds thin_ls's accounting per volume: the write after the snapshot broke the sharing,
+    # and each volume's lineage.
+    assert [(v.pop("exclusive_blocks"), v.pop("shared_blocks"), v.pop("exclusive_bytes"),
+             v.pop("shared_bytes")) for v in doc["volumes"]] == [(1, 0, BS, 0), (1, 0, BS, 0)]
+    assert [(v.pop("ancestors"), v.pop("descendants")) for v in doc["volumes"]] == \
+        [([], ["snap0"]), (["vol0"], [])]
     assert doc == want
     assert doc["data_blocks_used"] == 2 and doc["block_size"] == BS
     assert [(v["name"], v["dev_id"], v["size"], v["origin"]) for v in doc["volumes"]] == \
@@ -79,7 +92,9 @@ def test_admin_session(home):
 
     vdoc = json.loads(tp(home, "stat", "demo/snap0", "--json", check=0).stdout)
     assert vdoc == {"pool": "demo", "block_size": BS, **want["volumes"][1],
-                    "exclusive_blocks": 1, "shared_blocks": 0}
+                    "exclusive_blocks": 1, "shared_blocks": 0, "exclusive_bytes": BS,
+                    "shared_bytes": 0, "ancestors": ["vol0"], "descendants": [], "served": False,
+                    "attached": None}
     r = tp(home, "stat", "demo/snap0", check=0)
     assert "volume demo/snap0" in r.out and "107374182400 bytes" in r.out and "vol0" in r.out
 

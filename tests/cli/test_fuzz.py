@@ -57,7 +57,9 @@ BASE_VALUES = {("restore", "input_"): "{F}/valid.xml", ("restore", "output_"): "
                ("revert", "snap"): "snap0", ("merge", "target"): "demo/snap0",
                ("create", "size"): "1M", ("resize", "size"): "2M",
                ("metadata-size", "block_size"): "64K", ("metadata-size", "pool_size"): "1G",
-               ("metadata-size", "max_thins"): "10", ("ls", "fields"): "DEV"}
+               ("metadata-size", "max_thins"): "10", ("ls", "fields"): "DEV",
+               # serve without --stop serves until stopped: every variant asks for a stop
+               ("serve", "stop"): True}
 
 
 def base_value(cmd: str, p: click.Parameter) -> str | None:

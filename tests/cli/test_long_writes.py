@@ -138,5 +138,7 @@ def test_list_json_keeps_a_pool_that_does_not_open(home):
     assert set(doc) == {"demo", "other"}
     assert doc["other"]["exit_code"] == 3 and "damaged" in doc["other"]["error"]
     assert doc["demo"]["volumes"][0]["name"] == "v"
-    r = tp(home, "list")
-    assert "does not open" in r.out and "demo/v" in r.out
+    r = tp(home, "list", check=3)
+    assert "other" in r.out and "demo/v" in r.out and "damaged" in r.stderr
+    r = tp(home, "list", "-o", "name,mode", "--separator", ":", check=3)
+    assert "other:does not open" in r.out.splitlines()

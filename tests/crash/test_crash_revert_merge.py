@@ -1,4 +1,4 @@
-"""Crash points of one revert and one merge: the recorded operation (open, the change, close) is
+"""Crash points of one revert, one merge and one rename: the recorded operation (open, the change, close) is
 cut before every event it made, in each of the three ways of harness.py (drop unflushed writes,
 tear the write in flight, reorder unflushed writes). Every resulting disk must open as a pool
 whose names are the old set or the new, whose reverted/merged name holds exactly the old
@@ -109,8 +109,38 @@ def test_merge_crash_points_old_or_new(tmp_path):
     assert seen == {False, True}
 
 
+def _renamed(model: dict[str, bytes]) -> dict[str, bytes]:
+    new = {("renamed" if n == "snap" else n): b for n, b in model.items()}
+    return new
+
+
+def _rename_check(pool: Pool, where: str, model) -> bool:
+    """Old names or new, each name holding its bytes, the child's origin following; True when
+    renamed."""
+    names = set(pool.volumes())
+    renamed = names == set(_renamed(model))
+    assert renamed or names == set(model), (where, names)
+    for n, want in (_renamed(model) if renamed else model).items():
+        assert _content(pool, n) == want, (where, n)
+    origins = {v.name: v.origin for v in pool.stat().volumes}
+    assert origins["child"] == ("renamed" if renamed else "snap"), where
+    return renamed
+
+
+@requires_tools
+def test_rename_crash_points_old_or_new(tmp_path):
+    root = tmp_path / "p"
+    model = _setup(root)
+    initial, events = _record(root, lambda p: p.rename("snap", "renamed"))
+    seen = set()
+    n = _crashes(tmp_path, initial, events,
+                 lambda pool, where: seen.add(_rename_check(pool, where, model)))
+    assert n >= 3 * 2
+    assert seen == {False, True}
+
+
 # -- an exception (a Ctrl-C) at every call inside the operation, in process ---------------------
-def _interrupted_everywhere(tmp: Path, op, prefix: str, check) -> dict[str, int]:
+def _interrupted_everywhere(tmp: Path, op, prefix: str, check, least: int = 5) -> dict[str, int]:
     from tests.crash.harness import Interrupt
     from thinpool.pool import PoolMode
     base = tmp / "base"
@@ -121,7 +151,7 @@ def _interrupted_everywhere(tmp: Path, op, prefix: str, check) -> dict[str, int]
     with Pool.open(d) as p, Interrupt(prefix=prefix) as counted:
         op(p)
     total = counted.count
-    assert total > 5, total
+    assert total > least, total
     outcomes = {"escaped": 0, "completed": 0, "degraded": 0}
     for nth in range(1, total + 1):
         shutil.rmtree(d)
@@ -178,4 +208,13 @@ def test_revert_interrupted_at_every_call(tmp_path, prefix):
 @pytest.mark.parametrize("prefix", ["thinpool.metadata", "thinpool.re"])
 def test_merge_interrupted_at_every_call(tmp_path, prefix):
     out = _interrupted_everywhere(tmp_path, lambda p: p.merge("snap"), prefix, _merge_check)
+    assert out["escaped"] > 0, out
+
+
+@requires_tools
+@pytest.mark.parametrize("prefix", ["thinpool.metadata", "thinpool.re"])
+def test_rename_interrupted_at_every_call(tmp_path, prefix):
+    out = _interrupted_everywhere(tmp_path, lambda p: p.rename("snap", "renamed"), prefix,
+                                  lambda pool, where, model: _rename_check(pool, where, model),
+                                  least=1)
     assert out["escaped"] > 0, out

@@ -7,9 +7,11 @@ Layout:
 * ``output.py``  the one output gateway (stdout/stderr, ``--json``, rich tables, progress bars)
 * ``pools.py``   create, resize, destroy
 * ``volumes.py`` snapshot, delete
-* ``info.py``    stat, list
+* ``info.py``    stat, list (their lvs-style report options and rendering: ``report.py``)
 * ``data.py``    write, read, import, export
 * ``mapping.py`` map, diff (a volume's mappings in bytes; two volumes' differing ranges)
+* ``adopt.py``   adopt (an existing dm-thin metadata/data pair as a pool)
+* ``exports.py`` serve (the pool's volumes over NBD, in the foreground or as a daemon; --stop)
 * ``safety.py``  what commands check before they write a file they are given (a pool's own
                  files are refused, a non-empty output needs a yes) and how they write it
 
@@ -35,7 +37,8 @@ import os
 import signal
 import sys
 
-COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping")
+COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping", "adopt",
+                   "exports")
 
 #: Every exit code the command line uses, with its meaning (README.md lists the same).
 EXIT_CODES = {0: "success", 1: "failure", 2: "bad usage or argument",
@@ -99,8 +102,11 @@ def _run(args: list[str]) -> int:
 
     from . import app, output
 
-    args = _wait_args(args)
+    from .forward import Forward, forward
+
+    given, args = args, _wait_args(args)
     app.DEBUG = os.environ.get("THINPOOL_DEBUG", "") not in ("", "0")
+    app.CONFIRMED = False
     try:
         # What click's Command.main does with standalone_mode=False, without its turning an
         # interrupt into Abort (after a blank line on stderr) and EPIPE into exit 1.
@@ -110,6 +116,12 @@ def _run(args: list[str]) -> int:
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:          # --help, --version
         return e.exit_code
+    except Forward as f:                        # the pool's thinpool serve runs it
+        try:
+            return forward(given, f, app.CONFIRMED)
+        except ThinpoolError as e:
+            output.error(str(e))
+            return e.exit_code
     except output.StdoutError as e:
         if not e.quiet:
             output.error(str(e))

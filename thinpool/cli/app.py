@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 #: Set by the group callback; read by main() to decide whether to print a traceback.
 DEBUG = False
+#: A question was answered yes at the terminal during this command (a command sent to a pool's
+#: thinpool serve takes the answer along: :mod:`.forward`).
+CONFIRMED = False
 
 
 class NotConfirmed(ThinpoolError):
@@ -188,12 +191,34 @@ class Session:
         return path
 
     def busy(self, name: str, pid: int | None) -> BusyError:
-        """The one-line error for a pool another process is changing."""
+        """The one-line error for a pool another process is changing (served by ``thinpool
+        serve``: which process, and how to stop it)."""
+        served = self._served_by(name, pid)
+        if served is not None:
+            return BusyError(f"pool {name!r} is being served by thinpool serve (process {pid}, "
+                             f"on {served.get('socket')}); stop it with 'thinpool serve {name} "
+                             f"--stop' first", holder_pid=pid)
         who = f"process {pid}{process_command(pid)}" if pid else "another process"
         hint = ("; pass --wait to wait for it (--wait=SECONDS for at most that long)"
                 if self.wait == 0 else
                 f" (waited {self.wait:g} s)" if self.wait is not None else "")
         return BusyError(f"pool {name!r} is in use by {who}{hint}", holder_pid=pid)
+
+    def _served_by(self, name: str, pid: int | None) -> dict | None:
+        """The state of the ``thinpool serve`` holding pool ``name`` if ``pid`` is that."""
+        if not pid:
+            return None
+        from thinpool.export.state import read_state
+        state = read_state(self.pool_path(name))
+        return state if state is not None and state.get("pid") == pid else None
+
+    def _forwardable(self, name: str, pid: int | None) -> bool:
+        """Whether this command goes to the ``thinpool serve`` holding pool ``name``
+        (:mod:`.forward`)."""
+        from . import forward
+        ctx = click.get_current_context(silent=True)
+        return (ctx is not None and ctx.info_name in forward.FORWARDED and pid is not None
+                and self._served_by(name, pid) is not None)
 
     def refuse_if_busy(self, name: str) -> None:
         """Fail now, as opening it for writing would, if another process is changing the pool
@@ -213,9 +238,20 @@ class Session:
         """
         path = self.require_pool(name)
         from thinpool import Pool
+
+        from . import forward
+        held = forward.HELD
+        if held is not None and held.holds(path):      # run for others by its thinpool serve
+            yield held.pool
+            if write:
+                held.pool.commit()
+                held.pool.write_names()
+            return
         try:
             pool = Pool.open(path, read_only=not write, wait=self.wait if write else 0)
         except BusyError as e:
+            if write and held is None and self._forwardable(name, e.holder_pid):
+                raise forward.Forward(path, e.holder_pid, self.home) from None
             raise self.busy(name, e.holder_pid) from e
         except PoolDamaged as e:
             raise PoolDamaged(f"pool {name!r} does not open: {e}", e.path) from e
@@ -341,7 +377,9 @@ def confirm(question: str, yes: bool) -> None:
     Only a terminal is asked: with stdin not a terminal (a script, a pipe) and no ``yes`` the
     answer is no, so piped data is never taken for consent. Ctrl-C at the question is an
     interrupt (exit 130)."""
-    if yes:
+    global CONFIRMED
+    from . import forward
+    if yes or (forward.HELD is not None and forward.HELD.confirmed):
         return
     if sys.stdin is None or not sys.stdin.isatty():
         raise NotConfirmed(f"{question.rstrip('?')}: not without a terminal to ask on; "
@@ -355,6 +393,7 @@ def confirm(question: str, yes: bool) -> None:
         ok = False
     if not ok:
         raise NotConfirmed("not confirmed; nothing was changed (pass --yes to skip the question)")
+    CONFIRMED = True
 
 
 # -- the group -------------------------------------------------------------------------------

@@ -270,32 +270,93 @@ def discard(session: Session, target: Target, offset: int, length: int | None,
 @cli.command(name="import")
 @click.argument("target", metavar="POOL/NAME", type=VOLUME)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--create", is_flag=True,
+              help="Create the volume, of the image's (virtual) size, first.")
 @pass_session
-def import_(session: Session, target: Target, file: Path) -> None:
-    """Copy FILE into a volume, skipping holes and all-zero blocks.
+def import_(session: Session, target: Target, file: Path, create: bool) -> None:
+    """Copy FILE (a raw image, or qcow2, vmdk, vdi) into a volume, leaving holes unmapped.
 
-    The volume must exist and be at least as large as FILE; afterwards its first len(FILE)
-    bytes equal FILE.
+    The volume must exist and be at least as large as the image's virtual size, or be made by
+    --create. A raw FILE is read directly (holes and all-zero blocks skipped); other formats
+    (found by 'qemu-img info') are converted by qemu-img through an NBD server in this process,
+    and zero ranges are unmapped. Afterwards the volume's first bytes equal the image's.
 
     \b
       thinpool import demo/vol0 disk.img
+      thinpool import demo/vm disk.qcow2 --create
     """
+    fmt, size = _image_format(file)
+    if fmt != "raw":
+        _import_image(session, target, file, fmt, size, create)
+        return
     fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = _source_size(fd, file)
         with session.pool(target.pool, write=True) as pool:
+            if create:
+                _create_for(pool, target, size, file)
             vol = get_volume(pool, target)
             vol.check_writable("import")
-            if size > vol.size:
-                raise InvalidArgument(
-                    f"{file} is {format_size(size)} ({size} bytes), larger than volume {target} "
-                    f"({vol.size} bytes); grow it first with "
-                    f"'thinpool resize {target} --size {size}'")
+            _fits(vol, target, file, size)
             written = _import(fd, size, vol, pool.block_size, f"import {file.name}", pool, target)
     finally:
         os.close(fd)
     output.echo(f"imported {file} ({format_size(size)}) into {target}: "
                 f"{format_size(written)} of data written, the rest left unmapped")
+
+
+def _image_format(file: Path) -> tuple[str, int | None]:
+    """("raw", None) or (qemu-img's format name, virtual size). Without qemu-img every file is
+    taken as raw, except one that starts like a qcow2, vmdk or vdi image: that needs it."""
+    import shutil
+
+    from thinpool.export import images
+    if shutil.which("qemu-img") is None:
+        try:
+            with open(file, "rb") as f:
+                head = f.read(80)
+        except OSError:
+            return "raw", None
+        if head[:4] in (b"QFI\xfb", b"KDMV") or head[64:68] == b"\x7f\x10\xda\xbe":
+            images.qemu_img()                    # NotFound, naming the package
+        return "raw", None
+    info = images.image_info(file)
+    return info.format, info.virtual_size
+
+
+def _fits(vol, target: Target, file: Path, size: int) -> None:
+    if size > vol.size:
+        raise InvalidArgument(
+            f"{file} is {format_size(size)} ({size} bytes), larger than volume {target} "
+            f"({vol.size} bytes); grow it first with "
+            f"'thinpool resize {target} --size {size}'")
+
+
+def _create_for(pool, target: Target, size: int, file: Path) -> None:
+    from .app import refuse_existing_volume, warn_if_overcommitted
+    refuse_existing_volume(pool, target)
+    if size <= 0:
+        raise InvalidArgument(f"{file} is empty: there is nothing to make a volume of")
+    pool.create_thin(target.volume, size)
+    warn_if_overcommitted(pool)
+
+
+def _import_image(session: Session, target: Target, file: Path, fmt: str, size: int,
+                  create: bool) -> None:
+    from thinpool.export import images
+    if fmt not in images.FORMATS:
+        raise InvalidArgument(f"{file} is a {fmt} image; import takes raw, "
+                              f"{', '.join(images.FORMATS)}")
+    with session.pool(target.pool, write=True) as pool:
+        if create:
+            _create_for(pool, target, size, file)
+        vol = get_volume(pool, target)
+        vol.check_writable("import")
+        _fits(vol, target, file, size)
+        images.import_image(pool, target.volume, file, fmt, target_is_zero=create)
+        mapped = vol.mapped_blocks * pool.block_size
+    output.echo(f"imported {fmt} image {file} ({format_size(size)}) into {target}: "
+                f"{format_size(mapped)} mapped, the rest left unmapped")
 
 
 def _source_size(fd: int, file: Path) -> int:
@@ -426,23 +487,31 @@ def _nonzero_runs(buf: bytes, granule: int) -> list[tuple[int, int]]:
 @cli.command()
 @click.argument("target", metavar="POOL/NAME", type=VOLUME)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2", "vmdk", "vdi"]),
+              default="raw", show_default=True, help="Image format of FILE.")
 @click.option("--yes", "-y", is_flag=True, help="Overwrite an existing FILE without asking.")
 @pass_session
-def export(session: Session, target: Target, file: Path, yes: bool) -> None:
+def export(session: Session, target: Target, file: Path, fmt: str, yes: bool) -> None:
     """Copy a volume into a sparse FILE (created, or replaced once it is complete).
 
     Only mapped blocks are read and only their non-zero 4 KiB pages are written, so FILE takes
-    no more space than the data in it. An existing FILE that is not empty is replaced only after
-    a yes on the terminal (or with --yes), and only when the export is complete. A pool's own
-    files are refused.
+    no more space than the data in it. With --format qcow2, vmdk or vdi, qemu-img writes the
+    image, reading the volume through an NBD server in this process (unmapped ranges stay out
+    of the image). An existing FILE that is not empty is replaced only after a yes on the
+    terminal (or with --yes), and only when the export is complete. A pool's own files are
+    refused.
 
     \b
       thinpool export demo/vol0 vol0.img
+      thinpool export demo/vol0 vol0.qcow2 --format qcow2
     """
     if file.exists() and not file.is_file():
         raise InvalidArgument(f"{file} is not a regular file; export writes a sparse file "
                               f"(for a device, use 'thinpool read {target} > DEVICE')")
     refuse_pool_file(session, file, "the export file")
+    if fmt != "raw":
+        _export_image(session, target, file, fmt, yes)
+        return
     with session.pool(target.pool) as pool:
         vol = get_volume(pool, target)
         confirm_overwrite(file, yes, f" with volume {target}")
@@ -451,6 +520,18 @@ def export(session: Session, target: Target, file: Path, yes: bool) -> None:
             written = _export(fd, vol, pool.block_size, f"export {target}")
     output.echo(f"exported {target} ({format_size(vol.size)}) to {file}: "
                 f"{format_size(written)} of data written, the rest left as holes")
+
+
+def _export_image(session: Session, target: Target, file: Path, fmt: str, yes: bool) -> None:
+    from thinpool.export import images
+    images.qemu_img()
+    with session.pool(target.pool) as pool:
+        vol = get_volume(pool, target)
+        confirm_overwrite(file, yes, f" with volume {target}")
+        with replacing(file) as fd:          # the temporary file's name, for qemu-img
+            images.export_image(pool, target.volume, f"/proc/{os.getpid()}/fd/{fd}", fmt)
+    output.echo(f"exported {target} ({format_size(vol.size)}) to {fmt} image {file} "
+                f"({format_size(os.stat(file).st_blocks * 512)} on disk)")
 
 
 def _export(fd: int, vol, bs: int, label: str) -> int:

@@ -15,8 +15,8 @@ from thinpool.units import format_size
 
 from . import output
 from .app import TARGET, Session, Target, cli, get_volume, pass_session
-
-META_BLOCK = 4096
+from .report import (META_BLOCK, Report, pool_keys, pool_row, render, report_options,
+                     show_help, volume_rows)
 
 
 def _pct(part: int, whole: int) -> str:
@@ -40,7 +40,24 @@ def pool_stat(pool) -> dict:
         mode = PoolMode.WRITE
     st["mode"] = mode.label
     _add_sharing(pool, st)
-    return st
+    _add_serving(pool, st)
+    return pool_keys(st)
+
+
+def _add_serving(pool, st: dict) -> None:
+    """``served`` (the running ``thinpool serve`` of the pool: pid, socket, tcp; or None) and,
+    per volume, ``served`` (exported over NBD) and ``attached`` (its loop device, or None)."""
+    from thinpool.export.state import read_state
+
+    state = None if pool.path is None else read_state(pool.path)
+    st["served"] = None if state is None else {
+        "pid": state.get("pid"), "socket": state.get("socket"), "tcp": state.get("tcp"),
+        "read_only": state.get("read_only")}
+    vols = {} if state is None else {v.get("name"): v for v in state.get("volumes", [])}
+    for v in st["volumes"]:
+        entry = vols.get(v["name"])
+        v["served"] = entry is not None and bool(entry.get("nbd"))
+        v["attached"] = None if entry is None else entry.get("attached")
 
 
 def _add_sharing(pool, st: dict) -> None:
@@ -75,24 +92,50 @@ def _each_pool(session: Session):
 
 
 # -- stat ------------------------------------------------------------------------------------
+def _report(kind: str, as_json: bool, **opts) -> Report | None:
+    """The report options given, checked before any pool is opened; None for ``-o help``
+    (printed here)."""
+    report = Report(**opts)
+    if report.wants_help:
+        show_help(kind)
+        return None
+    if as_json and report.asked:
+        raise click.UsageError("--json prints every key; -o, --units, --nosuffix, "
+                               "--noheadings, --separator and --sort shape the table")
+    return report
+
+
 @cli.command()
 @click.argument("target", metavar="[POOL[/NAME]]", type=TARGET, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print exact numbers as JSON.")
+@report_options
 @pass_session
-def stat(session: Session, target: Target | None, as_json: bool) -> int:
+def stat(session: Session, target: Target | None, as_json: bool, **opts) -> int:
     """Show a pool, a volume, or every pool.
 
-    For a pool: a header and a table of its volumes; for a volume: its details.
+    For a pool: a header and a table of its volumes; for a volume: its details. With report
+    options (-o, --units, --sort, ...: as lvs has them) only the table, of the volumes of the
+    pool, of the one volume, or of every pool's volumes.
 
     \b
       thinpool stat demo
       thinpool stat demo/vol0
       thinpool stat --json demo
+      thinpool stat demo -o name,size,mapped_bytes --units b --noheadings
+      thinpool stat demo -o +read_only --sort -mapped_bytes
+      thinpool stat -o help
     """
+    report = _report("stat", as_json, **opts)
+    if report is None:
+        return 0
     if target is None:
         pools, code = _each_pool(session)
         if as_json:
             output.emit_json(pools)
+            return code
+        if report.asked:
+            render([r for st in pools if "error" not in st for r in volume_rows(st)],
+                   report, "stat")
             return code
         if not pools and not code:
             output.note(f"no pools in {session.home}; make one with "
@@ -107,6 +150,10 @@ def stat(session: Session, target: Target | None, as_json: bool) -> int:
             get_volume(pool, target)
         st = pool_stat(pool)
     warn_guessed(st)
+    if report.asked:
+        render([r for r in volume_rows(st)
+                if target.volume is None or r["name"] == target.volume], report, "stat")
+        return 0
     if target.volume is None:
         if as_json:
             output.emit_json(st)
@@ -151,18 +198,18 @@ def _show_pool(st: dict) -> None:
         ("transaction id", str(st["transaction_id"])),
         ("mode", mode),
         *([("degraded", st["degraded"])] if st.get("degraded") else []),
+        *([("served", _served_line(st["served"]))] if st.get("served") else []),
     ])
     if not st["volumes"]:
         output.line("  no volumes")
         return
-    output.table(None, [("name", "left"), ("dev id", "right"), ("virtual size", "right"),
-                        ("mapped", "right"), ("mapped %", "right"), ("exclusive", "right"),
-                        ("shared", "right"), ("attr", "left"), ("origin", "left")],
-                 [(v["name"], str(v["dev_id"]), format_size(v["size"]),
-                   format_size(v["mapped_bytes"]), _pct(min(v["mapped_bytes"], v["size"]), v["size"]),
-                   format_size(v["exclusive_blocks"] * bs), format_size(v["shared_blocks"] * bs),
-                   "r" if v.get("read_only") else "w",
-                   v["origin"] or "-") for v in st["volumes"]], indent=2)
+    fields = "+served" if st.get("served") else None
+    render(volume_rows(st), Report(fields=fields), "stat", indent=2)
+
+
+def _served_line(served: dict) -> str:
+    where = served["socket"] + (f" and tcp {served['tcp']}" if served.get("tcp") else "")
+    return f"over NBD by thinpool serve (pid {served['pid']}) on {where}"
 
 
 def _show_volume(st: dict, v: dict) -> None:
@@ -177,6 +224,8 @@ def _show_volume(st: dict, v: dict) -> None:
         ("shared", f"{format_size(v['shared_blocks'] * st['block_size'])} "
                    f"({v['shared_blocks']} blocks shared with other volumes)"),
         ("origin", v["origin"] or "-"),
+        ("served", "over NBD" + (f", attached at {v['attached']}" if v.get("attached") else "")
+         if v.get("served") else "no"),
         ("read-only", "yes (writes, discards and resizes are refused; 'thinpool configure "
                       f"{st['name']}/{v['name']} --read-write' makes it writable)"
          if v.get("read_only") else "no"),
@@ -188,17 +237,26 @@ def _show_volume(st: dict, v: dict) -> None:
 # -- list ------------------------------------------------------------------------------------
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print exact numbers as JSON.")
+@report_options
 @pass_session
-def list_(session: Session, as_json: bool) -> int:
+def list_(session: Session, as_json: bool, **opts) -> int:
     """List every pool and its volumes.
+
+    --json prints, for each pool, what 'stat --json POOL' prints (the same keys); the report
+    options (-o, --units, --sort, ...: as lvs has them) shape the table.
 
     \b
       thinpool list
       thinpool list --json
+      thinpool list -o name,size,data_used --units g --separator ,
+      thinpool list -o help
     """
+    report = _report("list", as_json, **opts)
+    if report is None:
+        return 0
     pools, code = _each_pool(session)
     if as_json:
-        output.emit_json([_list_entry(st) for st in pools])
+        output.emit_json(pools)
         return code
     if not pools:
         if not code:
@@ -207,33 +265,11 @@ def list_(session: Session, as_json: bool) -> int:
         return code
     rows = []
     for st in pools:
-        if "error" in st:          # (said on stderr already)
-            rows.append((st["name"], "pool", "?", "?", "?", "does not open"))
+        if "error" in st:          # (said on stderr already): a row with its name only
+            rows.append({"name": st["name"], "pool": st["name"], "type": "pool",
+                         "mode": "does not open"})
             continue
-        bs = st["block_size"]
-        total, used = st["data_blocks_total"] * bs, st["data_blocks_used"] * bs
-        rows.append((st["name"], "pool", format_size(total), format_size(used),
-                     _pct(used, total), "-"))
-        for v in st["volumes"]:
-            rows.append((f"{st['name']}/{v['name']}", "snapshot" if v["origin"] else "volume",
-                         format_size(v["size"]), format_size(v["mapped_bytes"]),
-                         _pct(min(v["mapped_bytes"], v["size"]), v["size"]), v["origin"] or "-"))
-    output.table(None, [("name", "left"), ("type", "left"), ("size", "right"),
-                        ("used", "right"), ("use %", "right"), ("origin", "left")], rows)
+        rows.append(pool_row(st))
+        rows.extend(volume_rows(st, full_names=True))
+    render(rows, report, "list")
     return code
-
-
-def _list_entry(st: dict) -> dict:
-    if "error" in st:
-        return st
-    bs = st["block_size"]
-    return {
-        "name": st["name"], "path": st["path"], "block_size": bs,
-        "data_size": st["data_blocks_total"] * bs, "data_used": st["data_blocks_used"] * bs,
-        "metadata_size": st["metadata_blocks_total"] * META_BLOCK,
-        "metadata_used": st["metadata_blocks_used"] * META_BLOCK,
-        "mode": st["mode"],
-        "volumes": [{"name": v["name"], "dev_id": v["dev_id"], "size": v["size"],
-                     "mapped_bytes": v["mapped_bytes"], "origin": v["origin"]}
-                    for v in st["volumes"]],
-    }

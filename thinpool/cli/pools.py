@@ -6,7 +6,6 @@ report one line. ``create`` and ``resize`` take either ``POOL`` or ``POOL/NAME``
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat as stat_mod
@@ -18,12 +17,12 @@ from thinpool.config import pool_files
 from thinpool.errors import (AlreadyExists, InvalidArgument, MetadataError, PoolDamaged,
                              ThinpoolError)
 from thinpool.ownership import file_id
-from thinpool.paths import CONFIG_NAME
 from thinpool.units import SECTOR_SIZE, format_size
 
 from . import output
 from .app import (POOL, RELATIVE_SIZE, SIZE, TARGET, Session, Target, cli, confirm, get_volume,
                   pass_session, refuse_existing_volume, resolve_size, warn_if_overcommitted)
+from .forward import refuse_in_use as refuse_volume_in_use
 from .safety import refuse_in_use
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
@@ -325,6 +324,7 @@ def resize(session: Session, target: Target, size: tuple[str, int] | None,
             raise click.UsageError("give the volume's new --size")
         with session.pool(target.pool, write=True) as pool:
             old = get_volume(pool, target).size
+            refuse_volume_in_use(target.pool, target.volume)
             size, notice = round_volume_size(resolve_size(size, old, f"volume {target}"))
             if size < old:
                 confirm(f"Shrink volume {target} from {format_size(old)} to "

@@ -9,6 +9,7 @@ from thinpool.errors import AlreadyExists, BusyError, InvalidArgument
 from thinpool.units import format_size
 
 from . import output
+from .forward import refuse_in_use
 from .app import (TARGET, VOLUME, Session, check_pool_name, Target, cli, get_volume, pass_session, refuse_existing_volume,
                   warn_if_overcommitted)
 
@@ -54,6 +55,7 @@ def delete(session: Session, target: Target) -> None:
     """
     with session.pool(target.pool, write=True) as pool:
         vol = get_volume(pool, target)
+        refuse_in_use(target.pool, target.volume)
         mapped = vol.mapped_blocks
         pool.delete(target.volume)
     output.echo(f"deleted volume {target} ({mapped} mapped block{'' if mapped == 1 else 's'})")
@@ -83,6 +85,7 @@ def rename(session: Session, target: Target, new_name: str) -> None:
     with session.pool(target.pool, write=True) as pool:
         get_volume(pool, target)
         refuse_existing_volume(pool, new)
+        refuse_in_use(target.pool, target.volume)
         vol = pool.rename(target.volume, new_name)
     output.echo(f"renamed {target} to {new} (device id {vol.dev_id}, {format_size(vol.size)})")
 
@@ -106,6 +109,7 @@ def revert(session: Session, target: Target, snap: str) -> None:
         old = get_volume(pool, target)
         old_id = old.dev_id
         get_volume(pool, snap_target)
+        refuse_in_use(target.pool, target.volume)
         vol = pool.revert(target.volume, snap_target.volume)
     output.echo(f"reverted {target} to snapshot {snap_target} (device id {old_id} deleted, now "
                 f"device id {vol.dev_id}, {format_size(vol.size)})")
@@ -126,6 +130,8 @@ def merge(session: Session, target: Target) -> None:
     """
     with session.pool(target.pool, write=True) as pool:
         get_volume(pool, target)
+        origin = next((v.origin for v in pool.stat().volumes if v.name == target.volume), None)
+        refuse_in_use(target.pool, target.volume, *([origin] if origin else []))
         vol = pool.merge(target.volume)
     output.echo(f"merged {target} into {Target(target.pool, vol.name)} (device id "
                 f"{vol.dev_id}, {format_size(vol.size)}); {target} is gone")

@@ -391,6 +391,12 @@ class DataDevice:
         first, nbytes = self._span(block, offset_in_block, length)
         return self._pread(first, nbytes)
 
+    def read_span_into(self, block: int, offset_in_block: int, out: memoryview) -> None:
+        """:meth:`read_span` into the caller's writable buffer ``out`` (its length is the
+        length to read): no allocation, no copy in user space."""
+        first, nbytes = self._span(block, offset_in_block, out.nbytes)
+        self._pread_into(first, out)
+
     def write_span(self, block: int, offset_in_block: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` from ``offset_in_block`` of ``block`` on, through following blocks."""
         view = memoryview(data).cast("B")
@@ -585,6 +591,20 @@ class DataDevice:
         finally:
             view.release()
         return bytes(buf)
+
+    def _pread_into(self, offset: int, view: memoryview) -> None:
+        length = view.nbytes
+        done = 0
+        try:
+            while done < length:
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n == 0:                 # end of file: the rest reads as zeros
+                    view[done:] = bytes(length - done)
+                    return
+                done += n
+        except OSError as exc:
+            raise self._io_error(exc, f"cannot read {length} bytes at {offset} from {self.path!r}",
+                                 "read", offset) from exc
 
     def _pwrite(self, offset: int, view: memoryview) -> None:
         self._dirty = True
