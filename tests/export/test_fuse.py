@@ -372,6 +372,48 @@ def test_ext4_on_the_loop_device_snapshots_fstrim_and_teardown(tmp_path, pool):
     assert_checks_pass(tmp_path / "pool" / "metadata")
 
 
+# -- through the serving daemon ------------------------------------------------------------------
+@needs_host
+@requires_tools
+def test_the_serving_daemon_attaches_and_detaches(tmp_path):
+    """``thinpool serve --daemon`` holds the pool; its control requests attach and detach a
+    volume with this module (the command line's attach/detach will ask the same)."""
+    import json
+    import signal
+    import tempfile
+    from tests.cli.helpers import tp
+    from thinpool.export.state import ask
+    home = Path(tempfile.mkdtemp(prefix="tpf-", dir="/tmp"))  # (a socket path is short)
+    pid = None
+    try:
+        tp(home, "create", "p", "--size", "256M", check=0)
+        tp(home, "create", "p/v", "--size", "64M", check=0)
+        tp(home, "serve", "p", "--daemon", check=0)
+        pid = json.loads((home / "p" / "exports.json").read_text())["pid"]
+        answer = ask(home / "p", {"op": "attach", "volume": "v"})
+        assert answer["ok"], answer
+        dev = answer["loop_device"]
+        sh("mkfs.ext4", "-q", "-F", dev)
+        with mounted(dev, tmp_path / "m"):
+            (tmp_path / "m" / "hello").write_bytes(b"hello")
+            answer = ask(home / "p", {"op": "detach", "volume": "v"})
+            assert (answer["ok"], answer["exit_code"]) == (False, 5) and "mounted on" in \
+                answer["error"]
+        assert ask(home / "p", {"op": "detach", "volume": "v"})["ok"]
+        assert dev not in sh("losetup", "-a").stdout
+        tp(home, "serve", "p", "--stop", check=0)
+        pid = None
+        assert_checks_pass(home / "p" / "metadata")
+    finally:
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _sweep(str(home))
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # -- failures ------------------------------------------------------------------------------------
 def _fuse_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("thinpool-fuse")]
