@@ -36,6 +36,17 @@ def short_dir() -> str:
 
 
 @pytest.fixture
+def home():
+    """A short home directory for CLI tests (socket paths must stay under 108 bytes); removed
+    afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="tps-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def served(tmp_path):
     """Pool ``p`` (320 MiB of data) with volumes ``v`` and ``w`` (16 MiB each), ``ro``
     (read-only) and ``big`` (256 MiB), served with a 0.2 s commit interval. After the test: server closed, pool closed,

@@ -13,7 +13,7 @@ import pytest
 from thinpool.export import nbd_wire as w
 from tests.cli.helpers import assert_one_line_error, tp
 from tests.export.nbdclient import NBDClient
-from tests.export.test_serve_cli import home, kill_pid, state_pid  # noqa: F401 (fixture)
+from tests.export.test_serve_cli import kill_pid, state_pid
 from tests.tptools import assert_checks_pass, requires_tools
 
 pytestmark = requires_tools
@@ -21,7 +21,7 @@ BS = 64 * 1024
 
 
 @pytest.fixture
-def served(home):  # noqa: F811
+def served_pool(home):
     tp(home, "create", "p", "--size", "64M", check=0)
     tp(home, "create", "p/v", "--size", "4M", check=0)
     tp(home, "serve", "p", "--daemon", check=0)
@@ -43,8 +43,8 @@ def _names(home) -> dict[str, dict]:
     return {v["name"]: v for v in doc["volumes"]}
 
 
-def test_volume_commands_run_by_the_server(served):
-    home, pid = served
+def test_volume_commands_run_by_the_server(served_pool):
+    home, pid = served_pool
     with _client(home, "v") as c:
         assert not c.write(0, b"A" * BS, flags=w.CMD_FLAG_FUA).error
     # a snapshot of a live volume sees every acknowledged write
@@ -87,8 +87,8 @@ def test_volume_commands_run_by_the_server(served):
     assert_checks_pass(home / "p" / "metadata")
 
 
-def test_a_volume_open_on_nbd_is_in_use(served):
-    home, pid = served
+def test_a_volume_open_on_nbd_is_in_use(served_pool):
+    home, pid = served_pool
     tp(home, "snapshot", "p/v", "s", check=0)
     with _client(home, "v") as c:
         assert not c.write(0, b"C" * 100, flags=w.CMD_FLAG_FUA).error

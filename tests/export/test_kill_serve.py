@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.export.nbdclient import Closed, NBDClient
-from tests.export.test_serve_cli import home, kill_pid, state_pid  # noqa: F401 (fixture)
+from tests.export.test_serve_cli import kill_pid, state_pid
 from tests.cli.helpers import tp
 from tests.tptools import assert_checks_pass, requires_tools
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ from tests.cli.helpers import THINPOOL, assert_one_line_error, clean_env, tp
 from tests.tptools import assert_checks_pass, requires_tools
 
 pytestmark = requires_tools
-
-
-@pytest.fixture
-def home():
-    """A short home directory (socket paths must stay under 108 bytes); removed afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="tps-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

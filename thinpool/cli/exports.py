@@ -32,7 +32,7 @@ import click
 from thinpool.errors import InvalidArgument, NotFound, ThinpoolError
 
 from . import app, output
-from .app import POOL, Session, Target, cli, pass_session
+from .app import POOL, VOLUME, Session, Target, cli, pass_session
 
 STOP_TIMEOUT = 60.0          # seconds --stop waits for the process to be gone
 START_TIMEOUT = 60.0         # seconds --daemon waits for the server to listen
@@ -77,10 +77,11 @@ def parse_listen(text: str) -> tuple[str, int]:
               help="Run in the background; return once it serves.")
 @click.option("--stop", is_flag=True, help="Stop the thinpool serve serving POOL.")
 @click.option("--ready-fd", type=int, hidden=True)
+@click.option("--stop-when-detached", is_flag=True, hidden=True)
 @pass_session
 def serve(session: Session, target: Target, socket_path: Path | None, listen: str | None,
           read_only: bool, exports: tuple[str, ...], commit_interval: float, background: bool,
-          stop: bool, ready_fd: int | None) -> None:
+          stop: bool, ready_fd: int | None, stop_when_detached: bool) -> None:
     """Serve a pool's volumes over NBD (each volume an export by its name).
 
     Holds the pool for writing until stopped, committing every --commit-interval seconds and
@@ -106,7 +107,8 @@ def serve(session: Session, target: Target, socket_path: Path | None, listen: st
         raise click.BadParameter(str(e), param_hint="--listen") from None
     opts = ServeOptions(socket=None if socket_path is None else socket_path.absolute(), tcp=tcp,
                         read_only=read_only, exports=list(exports) or None,
-                        commit_interval=commit_interval)
+                        commit_interval=commit_interval,
+                        stop_when_detached=stop_when_detached)
     if background:
         _start_background(session, target.pool, path, opts)
         return
@@ -152,7 +154,8 @@ def _say_ready(fd: int, doc: dict) -> None:
         os.close(fd)
 
 
-def _start_background(session: Session, name: str, path: Path, opts) -> None:
+def _start_background(session: Session, name: str, path: Path, opts,
+                      quiet: bool = False) -> None:
     from thinpool.export.daemon import LOG_NAME
 
     session.refuse_if_busy(name)
@@ -168,6 +171,8 @@ def _start_background(session: Session, name: str, path: Path, opts) -> None:
         argv.append("--read-only")
     for e in opts.exports or ():
         argv += ["--export", e]
+    if opts.stop_when_detached:
+        argv.append("--stop-when-detached")
     log_path = path / LOG_NAME
     try:
         log = open(log_path, "ab")
@@ -186,6 +191,8 @@ def _start_background(session: Session, name: str, path: Path, opts) -> None:
         line = ready.readline()          # the child closes its end once it serves (or dies)
     if line:
         doc = json.loads(line)
+        if quiet:
+            return
         for uri in doc["uris"]:
             output.echo(uri)
         output.note(f"serving pool {name} in the background (process {doc['pid']}, log "
@@ -231,3 +238,103 @@ def _stop(session: Session, name: str, path: Path) -> None:
                                 f"running after {STOP_TIMEOUT:g} s")
         time.sleep(0.02)
     output.echo(f"stopped thinpool serve of pool {name} (process {pid})")
+
+
+# -- attach / detach -----------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="POOL/VOL", type=VOLUME)
+@click.option("--read-only", is_flag=True, help="Attach read-only (a read-only volume always is).")
+@click.option("--json", "as_json", is_flag=True, help="Print the attachment as JSON.")
+@pass_session
+def attach(session: Session, target: Target, read_only: bool, as_json: bool) -> None:
+    """Give a volume a block device: /dev/loopN over a FUSE file that is the volume.
+
+    The pool's thinpool serve (started in the background if none runs; it then stops once
+    its last volume is detached) holds the file. Prints the loop device.
+
+    \b
+      thinpool attach demo/vol0                   # /dev/loop3
+      mkfs.ext4 /dev/loop3 && mount /dev/loop3 /mnt
+      umount /mnt && thinpool detach demo/vol0
+    """
+    from thinpool.export.daemon import ServeOptions
+    from thinpool.export.state import ask, read_state
+
+    path = session.require_pool(target.pool)
+    started = False
+    if read_state(path) is None:
+        _start_background(session, target.pool, path, ServeOptions(stop_when_detached=True),
+                          quiet=True)
+        started = True
+    answer = ask(path, {"op": "attach", "volume": target.volume, "read_only": read_only})
+    if not answer.get("ok"):
+        if started:
+            _stop_quietly(path)
+        raise ServeFailed(answer.get("error", "thinpool serve did not attach it"),
+                          int(answer.get("exit_code", 1)))
+    loop = answer["loop_device"]
+    if as_json:
+        output.emit_json({"pool": target.pool, "volume": target.volume, "loop_device": loop,
+                          "read_only": bool(answer.get("read_only", read_only))})
+    else:
+        output.echo(loop)
+    output.note(f"{target} is attached at {loop}; 'thinpool detach {target}' detaches it "
+                f"(unmount any filesystem on it first)")
+
+
+@cli.command()
+@click.argument("what", metavar="POOL/VOL|/dev/loopN")
+@pass_session
+def detach(session: Session, what: str) -> None:
+    """Take a volume's loop device away again (after its filesystem is unmounted).
+
+    The safe order: sync, losetup -d, wait until the loop device is gone, unmount the FUSE
+    file. Refused (exit 5) while a filesystem on the loop device is mounted.
+
+    \b
+      thinpool detach demo/vol0
+      thinpool detach /dev/loop3
+    """
+    from thinpool.export.state import ask, pid_alive, read_state
+
+    if what.startswith("/dev/"):
+        found = _attached_at(session, what)
+        if found is None:
+            raise NotFound(f"{what} is not a volume attached by thinpool (in {session.home})")
+        target = found
+    else:
+        target = app.parse_target(what, volume=True)
+    path = session.require_pool(target.pool)
+    state = read_state(path)
+    if state is None:
+        raise NotFound(f"volume {target} is not attached (pool {target.pool} is not served)")
+    answer = ask(path, {"op": "detach", "volume": target.volume})
+    if not answer.get("ok"):
+        raise ServeFailed(answer.get("error", "thinpool serve did not detach it"),
+                          int(answer.get("exit_code", 1)))
+    loop = next((v.get("attached") for v in state.get("volumes", ())
+                 if v.get("name") == target.volume), None)
+    if answer.get("stopping"):                 # it was started by attach: wait until it is gone
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while pid_alive(state["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    output.echo(f"detached {target}" + (f" from {loop}" if loop else ""))
+
+
+def _attached_at(session: Session, device: str) -> Target | None:
+    from thinpool.export.state import read_state
+    real = os.path.realpath(device)
+    for name in session.pool_names():
+        state = read_state(session.pool_path(name))
+        for v in (state or {}).get("volumes", ()):
+            if v.get("attached") and os.path.realpath(v["attached"]) == real:
+                return Target(name, v["name"])
+    return None
+
+
+def _stop_quietly(path: Path) -> None:
+    from thinpool.export.state import ask
+    try:
+        ask(path, {"op": "stop"})
+    except ThinpoolError:
+        pass

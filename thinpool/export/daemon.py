@@ -64,6 +64,8 @@ class ServeOptions:
     read_only: bool = False
     exports: list[str] | None = None         # None: every volume
     commit_interval: float = 1.0
+    #: Started by ``thinpool attach``: stop once the last attached volume is detached.
+    stop_when_detached: bool = False
 
 
 # -- the daemon ----------------------------------------------------------------------------------
@@ -290,7 +292,10 @@ class Daemon:
                     if name not in self.attachments:
                         raise NotFound(f"volume {self.pool.name}/{name} is not attached")
                     self._detach(name)
-                    return {"ok": True}
+                    stopping = self.options.stop_when_detached and not self.attachments
+                    if stopping:
+                        self.request_stop()
+                    return {"ok": True, "stopping": stopping}
                 raise InvalidArgument(f"unknown control request {op!r} (status, stop, attach, "
                                       f"detach, run)")
         except ThinpoolError as e:
@@ -327,7 +332,7 @@ class Daemon:
                               run_dir=run_dir)
         except ImportError as e:          # mfusepy (or libfuse) missing, found only now
             raise ThinpoolError(f"attaching {self.pool.name}/{name} needs mfusepy and libfuse3 "
-                                f"(pip install mfusepy): {e}") from None
+                                f"(pip install 'thinpool[fuse]'): {e}") from None
         self.attachments[name] = att
         self.write_state()
         log.info("attached %s at %s", name, att.loop_device)
@@ -346,7 +351,7 @@ def _fuse_module():
         from . import fuse
     except ImportError as e:
         raise ThinpoolError(f"attaching a volume needs the FUSE export (thinpool.export.fuse "
-                            f"and mfusepy: pip install mfusepy), which is not available: "
+                            f"and mfusepy: pip install 'thinpool[fuse]'), which is not available: "
                             f"{e}") from None
     return fuse
 
