@@ -215,8 +215,34 @@ def _one(world, argv, stdout="pipe", home=None):
         check(world, argv, code, err, before)
         return code, err
     finally:
+        _stop_served(world.home)
         if world.fingerprint() != before:
             world.reset()
+
+
+def _stop_served(home: Path) -> None:
+    """A variant that attached a volume (``attach``) leaves the pool served, by a process of
+    its own: detach what it attached and stop it (killed by pid if it does not go)."""
+    from thinpool.export.state import ask, pid_alive, read_state
+    pool = home / "demo"
+    state = read_state(pool) if pool.is_dir() else None
+    if state is None:
+        return
+    from thinpool.errors import ThinpoolError
+    try:
+        try:
+            for v in state.get("volumes", ()):
+                if v.get("attached"):
+                    ask(pool, {"op": "detach", "volume": v["name"]})
+            ask(pool, {"op": "stop"})
+        except ThinpoolError:       # stopping already (its control socket is gone)
+            pass
+        deadline = time.monotonic() + 30
+        while pid_alive(state["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        if pid_alive(state["pid"]):
+            os.kill(state["pid"], signal.SIGKILL)
 
 
 def test_every_command_is_covered():
@@ -271,6 +297,7 @@ def test_sigint_mid_run(world):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        _stop_served(world.home)
         err = err.decode(errors="replace")
         what = f"{argv} -> {p.returncode}: {err!r}"
         assert p.returncode in EXIT_CODES and "Traceback" not in err, what

@@ -32,7 +32,7 @@ import click
 from thinpool.errors import InvalidArgument, NotFound, ThinpoolError
 
 from . import app, output
-from .app import POOL, VOLUME, Session, Target, cli, pass_session
+from .app import POOL, VOLUME, Session, Target, cli, get_volume, pass_session
 
 STOP_TIMEOUT = 60.0          # seconds --stop waits for the process to be gone
 START_TIMEOUT = 60.0         # seconds --daemon waits for the server to listen
@@ -263,6 +263,9 @@ def attach(session: Session, target: Target, read_only: bool, as_json: bool) -> 
     path = session.require_pool(target.pool)
     started = False
     if read_state(path) is None:
+        with session.pool(target.pool, quiet=True) as pool:     # before a server is started
+            get_volume(pool, target)
+        session.refuse_if_busy(target.pool)
         _start_background(session, target.pool, path, ServeOptions(stop_when_detached=True),
                           quiet=True)
         started = True
@@ -278,8 +281,9 @@ def attach(session: Session, target: Target, read_only: bool, as_json: bool) -> 
                           "read_only": bool(answer.get("read_only", read_only))})
     else:
         output.echo(loop)
-    output.note(f"{target} is attached at {loop}; 'thinpool detach {target}' detaches it "
-                f"(unmount any filesystem on it first)")
+    if sys.stderr.isatty():         # a hint for people; scripts get the device alone
+        output.note(f"{target} is attached at {loop}; 'thinpool detach {target}' detaches it "
+                    f"(unmount any filesystem on it first)")
 
 
 @cli.command()
