@@ -293,11 +293,7 @@ def import_(session: Session, target: Target, file: Path, create: bool) -> None:
     try:
         size = _source_size(fd, file)
         with session.pool(target.pool, write=True) as pool:
-            if create:
-                _create_for(pool, target, size, file)
-            vol = get_volume(pool, target)
-            vol.check_writable("import")
-            _fits(vol, target, file, size)
+            vol = _import_target(pool, target, file, size, create)
             written = _import(fd, size, vol, pool.block_size, f"import {file.name}", pool, target)
     finally:
         os.close(fd)
@@ -341,6 +337,17 @@ def _create_for(pool, target: Target, size: int, file: Path) -> None:
     warn_if_overcommitted(pool)
 
 
+def _import_target(pool, target: Target, file: Path, size: int, create: bool):
+    """The volume an import of ``size`` bytes from ``file`` goes into (made first with
+    ``--create``): writable and large enough, or a clear error."""
+    if create:
+        _create_for(pool, target, size, file)
+    vol = get_volume(pool, target)
+    vol.check_writable("import")
+    _fits(vol, target, file, size)
+    return vol
+
+
 def _import_image(session: Session, target: Target, file: Path, fmt: str, size: int,
                   create: bool) -> None:
     from thinpool.export import images
@@ -348,11 +355,7 @@ def _import_image(session: Session, target: Target, file: Path, fmt: str, size: 
         raise InvalidArgument(f"{file} is a {fmt} image; import takes raw, "
                               f"{', '.join(images.FORMATS)}")
     with session.pool(target.pool, write=True) as pool:
-        if create:
-            _create_for(pool, target, size, file)
-        vol = get_volume(pool, target)
-        vol.check_writable("import")
-        _fits(vol, target, file, size)
+        vol = _import_target(pool, target, file, size, create)
         images.import_image(pool, target.volume, file, fmt, target_is_zero=create)
         mapped = vol.mapped_blocks * pool.block_size
     output.echo(f"imported {fmt} image {file} ({format_size(size)}) into {target}: "
