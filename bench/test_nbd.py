@@ -30,7 +30,8 @@ user-space copies out of the read path, which moved nbdcopy out from about 0.6x 
 qemu-nbd raw in a one-off script while this was built). An asyncio variant was not built or
 measured. A cProfile of nbdcopy into a new volume shows ``pwrite`` of the data (the file system
 allocating the sparse data file's blocks) as the largest cost, then waits for the pool's mutex
-while the periodic commit fsyncs the data under it, then the socket.
+while the periodic commit fsynced the data under it (since 4601744 that fsync runs before the
+commit takes the mutex; bench/README.md has the figures), then the socket.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ A pool lives in a directory::
 Guarantees:
 
 * **Crash safety.** :meth:`commit` fsyncs the data device, then commits the metadata in the
-  kernel's order (superblock last). After a crash the pool opens at its last commit; an interrupted
+  kernel's order (superblock last); the data fsync runs outside the mutex, writers going on, and
+  what they wrote meanwhile is synced again under it before the metadata. After a crash the pool opens at its last commit; an interrupted
   create/snapshot/delete is rolled forward or back with the registry (transaction id). The names
   file is written before each device change and caught up at :meth:`close` (see registry.py).
 * **Reads without the lock.** ``Volume.read`` serves a request inside one cached block without
@@ -528,7 +529,17 @@ class Pool(DeviceChanges, SpacePolicy):
 
         A commit waits until no reader of the last commit is left (locking.py); with
         ``wait=False`` it is skipped instead (returns False: nothing was committed, the
-        transaction goes on), as a periodic commit may be."""
+        transaction goes on), as a periodic commit may be.
+
+        The long part, the data ``fdatasync``, runs first without the pool's mutex, so that
+        writers go on meanwhile (``DataDevice.sync_ahead``); then, under the mutex, the data is
+        synced again (only what was written during the first sync, nothing when no write came:
+        every write of the data device runs under the mutex, so none is in flight then) and the
+        metadata is committed. So no mapping reaches the disk before the data it maps, and a
+        failure of the first sync is raised by the second, under the mutex, as before."""
+        data = self._data
+        if data is not None and not self.read_only:
+            data.sync_ahead()
         with self._guard():
             with (self._commit_window(wait) if self._readers is not None and not self.read_only
                   else nullcontext(True)) as free:

@@ -221,6 +221,104 @@ def test_sync_and_reopen(dev, path):
     assert path.read_bytes()[60 * BS:] == data
 
 
+def _count_syncs(monkeypatch, during=None) -> list[int]:
+    """Count fdatasync calls; ``during()`` runs inside the first one (a write completing while
+    the system call is under way, as a writer beside ``sync_ahead`` does)."""
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        calls.append(fd)
+        if during is not None and len(calls) == 1:
+            during()
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["write_blocks", "write_in_block", "zero_blocks", "copy_blocks"])
+def test_a_change_completed_during_a_sync_is_synced_by_the_next(dev, monkeypatch, how):
+    dev.write_blocks(0, rand(BS))
+    change = {"write_blocks": lambda: dev.write_blocks(5, rand(BS, 2)),
+              "write_in_block": lambda: dev.write_in_block(5, 10, b"x" * 100),
+              "zero_blocks": lambda: dev.zero_blocks(0, 1),
+              "copy_blocks": lambda: dev.copy_blocks(0, 7, 1)}[how]
+    calls = _count_syncs(monkeypatch, during=change)
+    dev.sync_ahead()
+    assert len(calls) == 1
+    dev.sync()                    # the change landed after the first call began: not covered
+    assert len(calls) == 2
+    dev.sync()                    # nothing new
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("how", ["write_blocks", "write_in_block"])
+def test_a_write_in_flight_when_a_sync_begins_is_synced_by_the_next(dev, monkeypatch, how):
+    """A sync that begins while a write's system call is under way (another thread) does not
+    cover it: the sync after the write must not be skipped."""
+    calls = _count_syncs(monkeypatch)
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        dev.sync_ahead()              # begins (and ends) before this write's bytes land
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    if how == "write_blocks":
+        dev.write_blocks(3, rand(BS))
+    else:
+        dev.write_in_block(3, 0, b"y" * 100)
+    monkeypatch.setattr(os, "pwrite", real)
+    synced = len(calls)
+    dev.sync()
+    assert len(calls) == synced + 1
+
+
+def test_sync_ahead_keeps_its_failure_for_the_next_sync(dev, monkeypatch):
+    dev.write_blocks(0, rand(BS))
+
+    def failing(fd):
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    dev.sync_ahead()                          # raises nothing ...
+    monkeypatch.undo()
+    calls = _count_syncs(monkeypatch)
+    with pytest.raises(ThinpoolError, match="cannot sync"):
+        dev.sync()                            # ... the next sync does, without a system call
+    assert calls == []                        # (Linux may say "fine" for the lost pages)
+    dev.sync()                                # then the device is still dirty: synced again
+    assert len(calls) == 1
+
+
+def test_sync_waits_for_a_sync_under_way(dev, monkeypatch):
+    """A sync that finds nothing new must not return while another thread's fdatasync (which
+    took the changes) is still running."""
+    import threading
+    dev.write_blocks(0, rand(BS))
+    inside, release, order = threading.Event(), threading.Event(), []
+    real = os.fdatasync
+
+    def slow(fd):
+        inside.set()
+        release.wait(5)
+        real(fd)
+        order.append("first sync done")
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    t = threading.Thread(target=dev.sync_ahead)
+    t.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=lambda: (dev.sync(), order.append("second sync returned")))
+    second.start()
+    second.join(0.2)
+    release.set()
+    t.join(5)
+    second.join(5)
+    assert order == ["first sync done", "second sync returned"]
+
+
 # --- zero and punch ---------------------------------------------------------------------------
 
 

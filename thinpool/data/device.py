@@ -19,7 +19,10 @@ Guarantees
   ``close`` must not race with other calls.
 * **Durability** is only promised after :meth:`sync` (``fdatasync``), except :meth:`create_file`
   and :meth:`grow`, which sync their size change (and the new directory entry) before returning.
-  :meth:`sync` skips the system call when nothing changed through this object since the last one.
+  :meth:`sync` skips the system call when nothing changed through this object since the last one,
+  and covers the writes completed before it was called, also while other threads go on writing
+  (a write that completes during a sync counts as unsynced); :meth:`sync_ahead` is the same sync
+  for a caller that keeps its failure for the next :meth:`sync` to raise.
 * **Zeroing vs. punching.** After :meth:`zero_blocks` the blocks read as zeros, guaranteed.
   :meth:`punch_blocks` only gives space back (for *free* blocks) and says whether it could; what the
   blocks read afterwards is unspecified on block devices (discard), zeros on files.
@@ -58,6 +61,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 from typing import Callable
 
 from thinpool.errors import (
@@ -199,10 +203,14 @@ class DataDevice:
         self.is_block_device = is_block_device
         self.read_only = read_only
         self._copy_file_range_ok = True  # until the kernel refuses once (then pread/pwrite)
-        # Set by every call that changes the device, cleared by sync(): a sync with nothing
-        # written through this object since the last one skips the fdatasync (what an earlier
-        # opener wrote was its own to sync).
+        # Set by every call that changes the device once its system call has returned (or
+        # failed), cleared by sync() just before its fdatasync: a sync with nothing written
+        # through this object since the last one skips the system call (what an earlier opener
+        # wrote was its own to sync), and a change that completes while a sync runs is left
+        # for the next one, never taken as covered.
         self._dirty = False
+        self._sync_lock = threading.Lock()   # one fdatasync at a time (see sync)
+        self._sync_error: ThinpoolError | None = None   # kept by sync_ahead for sync to raise
         self.size = 0
         self.nr_blocks = 0
         self._refresh_size()
@@ -306,13 +314,42 @@ class DataDevice:
                 f"{state}>")
 
     def sync(self) -> None:
-        """Make every completed write durable (``fdatasync``: data and the file size). Free
-        when nothing was written, copied, zeroed or punched through this object since the last
-        sync (a commit that only changes metadata, such as a snapshot, pays no data sync)."""
+        """Make every write completed before the call durable (``fdatasync``: data and the file
+        size). Free when nothing was written, copied, zeroed or punched through this object since
+        the last sync (a commit that only changes metadata, such as a snapshot, pays no data
+        sync). Safe from several threads, beside writes: syncs run one at a time, so a sync that
+        finds nothing new returns only after a sync already under way has finished; a write
+        that completes while the system call runs is synced by the next call. Raises the error
+        of a failed :meth:`sync_ahead` (once) instead of syncing."""
         fd = self._live_fd()
+        with self._sync_lock:
+            if self._sync_error is not None:
+                error, self._sync_error = self._sync_error, None
+                raise error
+            self._fdatasync(fd)
+
+    def sync_ahead(self) -> None:
+        """:meth:`sync`, for a caller that does not hold the lock its writers take (a pool
+        syncs the data this way before taking its mutex to commit, then calls :meth:`sync`
+        again, which only has what was written meanwhile left to do). Raises nothing: a
+        failure is kept and raised by the next :meth:`sync`, so that whoever commits meets it
+        (after a failed ``fdatasync`` Linux may report success for the same lost pages)."""
+        try:
+            fd = self._live_fd()
+        except ThinpoolError:
+            return                 # closed meanwhile: the commit that follows says so
+        with self._sync_lock:
+            if self._sync_error is not None:
+                return
+            try:
+                self._fdatasync(fd)
+            except ThinpoolError as e:
+                self._sync_error = e
+
+    def _fdatasync(self, fd: int) -> None:
         if not self._dirty:
             return
-        self._dirty = False       # before the call: a write racing with it marks it again
+        self._dirty = False       # before the call: a write completing during it marks it again
         try:
             os.fdatasync(fd)
         except OSError as exc:
@@ -442,12 +479,13 @@ class DataDevice:
         if self.read_only:
             self._check_writable("write")
         off = block * self.block_size + offset_in_block
-        self._dirty = True
         try:
             n = os.pwrite(self._fd, data, off)
         except OSError as exc:
             raise self._io_error(exc, f"cannot write {len(data)} bytes at {off} to {self.path!r}",
                                  "write", off) from exc
+        finally:
+            self._dirty = True    # after the call (see sync)
         if n != len(data):
             self._pwrite(off + n, memoryview(data).cast("B")[n:])
 
@@ -607,7 +645,6 @@ class DataDevice:
                                  "read", offset) from exc
 
     def _pwrite(self, offset: int, view: memoryview) -> None:
-        self._dirty = True
         done = 0
         length = view.nbytes
         try:
@@ -619,6 +656,8 @@ class DataDevice:
         except OSError as exc:
             raise self._io_error(exc, f"cannot write {length} bytes at {offset} to {self.path!r}",
                                  "write", offset) from exc
+        finally:
+            self._dirty = True    # after the calls (see sync)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         zeros = memoryview(_ZEROS)
@@ -634,7 +673,12 @@ class DataDevice:
         if copy_file_range is None:
             self._copy_file_range_ok = False
             return 0
-        self._dirty = True
+        try:
+            return self._copy_range(copy_file_range, src_off, dst_off, length)
+        finally:
+            self._dirty = True    # after the calls (see sync)
+
+    def _copy_range(self, copy_file_range, src_off: int, dst_off: int, length: int) -> int:
         done = 0
         while done < length:
             try:
@@ -653,7 +697,6 @@ class DataDevice:
 
     def _release(self, offset: int, length: int, *, zero: bool) -> bool:
         """Punch a hole (file) or zero-out / discard (block device); False if unsupported."""
-        self._dirty = True
         try:
             if self.is_block_device:
                 request = BLKZEROOUT if zero else BLKDISCARD
@@ -666,6 +709,8 @@ class DataDevice:
             what = "zero" if zero else "release"
             raise self._io_error(exc, f"cannot {what} {length} bytes at {offset} of {self.path!r}",
                                  what, offset) from exc
+        finally:
+            self._dirty = True    # after the call (see sync)
         return True
 
 
