@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +99,7 @@ def forward(args: list[str], f: Forward, confirmed: bool) -> int:
                               "debug": debug, "confirmed": confirmed})
     if "exit_code" in answer and "stdout" in answer:
         output.write_text(answer["stdout"])
-        sys.stderr.write(answer.get("stderr", ""))
-        sys.stderr.flush()
+        output.write_err_text(answer.get("stderr", ""))
         return int(answer["exit_code"])
     output.error(answer.get("error", "thinpool serve did not run the command"))
     return int(answer.get("exit_code", 1))

@@ -15,7 +15,7 @@ from thinpool.units import format_size
 
 from . import output
 from .app import TARGET, Session, Target, cli, get_volume, pass_session
-from .report import (META_BLOCK, Report, pool_keys, pool_row, render, report_options,
+from .report import (Report, pool_keys, pool_row, render, report_options,
                      show_help, volume_rows)
 
 
@@ -185,9 +185,8 @@ def warn_guessed(st: dict) -> None:
 
 def _show_pool(st: dict) -> None:
     bs = st["block_size"]
-    data_total, data_used = st["data_blocks_total"] * bs, st["data_blocks_used"] * bs
-    meta_total = st["metadata_blocks_total"] * META_BLOCK
-    meta_used = st["metadata_blocks_used"] * META_BLOCK
+    data_total, data_used = st["data_size"], st["data_used"]
+    meta_total, meta_used = st["metadata_size"], st["metadata_used"]
     mode = st["mode"] + (" (needs check)" if st["needs_check"] else "")
     output.fields(f"pool {st['name']}  ({st['path']})", [
         ("block size", format_size(bs)),
@@ -219,9 +218,9 @@ def _show_volume(st: dict, v: dict) -> None:
         ("mapped", f"{format_size(v['mapped_bytes'])} in {v['mapped_blocks']} "
                    f"block{'' if v['mapped_blocks'] == 1 else 's'} of {format_size(st['block_size'])} "
                    f"({_pct(min(v['mapped_bytes'], v['size']), v['size'])})"),
-        ("exclusive", f"{format_size(v['exclusive_blocks'] * st['block_size'])} "
+        ("exclusive", f"{format_size(v['exclusive_bytes'])} "
                       f"({v['exclusive_blocks']} blocks mapped by no other volume)"),
-        ("shared", f"{format_size(v['shared_blocks'] * st['block_size'])} "
+        ("shared", f"{format_size(v['shared_bytes'])} "
                    f"({v['shared_blocks']} blocks shared with other volumes)"),
         ("origin", v["origin"] or "-"),
         ("served", "over NBD" + (f", attached at {v['attached']}" if v.get("attached") else "")

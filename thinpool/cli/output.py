@@ -242,6 +242,11 @@ def _stderr(text: str) -> None:
         pass
 
 
+def write_err_text(text: str) -> None:
+    """Diagnostics another process produced (a command the pool's server ran), as they are."""
+    _stderr(text)
+
+
 def echo_err(text: str = "") -> None:
     _stderr(text + "\n")
 

@@ -142,10 +142,10 @@ def pool_keys(st: dict) -> dict:
 
 
 def _pool_row(st: dict) -> dict:
-    return {"pool": st["name"], "path": st["path"], "block_size": st["block_size"],
-            **{f.key: st.get(f.key) for f in POOL_FIELDS[3:] if f.key in st},
-            "data_percent": _pct(st["data_used"], st["data_size"]),
-            "metadata_percent": _pct(st["metadata_used"], st["metadata_size"])}
+    row = {f.key: st[f.key] for f in POOL_FIELDS if f.key in st}
+    row.update(pool=st["name"], data_percent=_pct(st["data_used"], st["data_size"]),
+               metadata_percent=_pct(st["metadata_used"], st["metadata_size"]))
+    return row
 
 
 def volume_rows(st: dict, full_names: bool = False) -> list[dict]:
