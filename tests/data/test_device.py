@@ -8,6 +8,7 @@ import random
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -753,3 +754,35 @@ def test_loop_is_opened_exclusively(loop):
             DataDevice.open(devpath, BS)
         with DataDevice.open(devpath, BS, read_only=True) as ro:
             assert ro.size == LOOP_SIZE
+
+
+EARLY_WRITEBACK_SCRIPT = r"""
+import sys
+from thinpool.data.device import DataDevice, WRITEBACK_BYTES
+dev = DataDevice.create_file(sys.argv[1], 4 * WRITEBACK_BYTES, 65536)
+chunk = b"x" * (1 << 20)
+for i in range(2 * WRITEBACK_BYTES // len(chunk)):       # two thresholds' worth, 1 MiB writes
+    dev.write_span(i * 16, 0, chunk)
+for i in range(WRITEBACK_BYTES // 4096):                 # and one of 4 KiB in-place writes
+    dev.write_in_block(2 * WRITEBACK_BYTES // 65536 + i // 16, (i % 16) * 4096, chunk[:4096])
+dev.sync()
+dev.close()
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (Debian: strace)")
+def test_writes_start_their_write_back_early(tmp_path):
+    """Every WRITEBACK_BYTES written, the write-back of the device's dirty pages is started (one
+    sync_file_range with SYNC_FILE_RANGE_WRITE, seen by strace), so a commit's fdatasync finds
+    the data on its way; the one fdatasync still comes, and the bytes are what was written."""
+    path = tmp_path / "data"
+    log = tmp_path / "strace.log"
+    subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=sync_file_range,fdatasync",
+                    sys.executable, "-c", EARLY_WRITEBACK_SCRIPT, str(path)], check=True)
+    calls = [line.split(None, 1)[1] for line in log.read_text().splitlines() if "(" in line]
+    starts = [c for c in calls if c.startswith("sync_file_range(")]
+    assert len(starts) == 3, calls
+    assert all(c.endswith(", 0, 0, SYNC_FILE_RANGE_WRITE) = 0") for c in starts), starts
+    assert sum(c.startswith("fdatasync(") for c in calls) == 1, calls
+    with open(path, "rb") as f:
+        assert f.read(1 << 20) == b"x" * (1 << 20)

@@ -23,6 +23,12 @@ Guarantees
   and covers the writes completed before it was called, also while other threads go on writing
   (a write that completes during a sync counts as unsynced); :meth:`sync_ahead` is the same sync
   for a caller that keeps its failure for the next :meth:`sync` to raise.
+* **Early write-back.** Every :data:`WRITEBACK_BYTES` written (or copied) through a device, the
+  write-back of its dirty pages is started (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which
+  does not wait), as the kernel's dm-thin writes a bio through to the disk: so the data a commit
+  must sync is mostly on its way already, and a commit's ``fdatasync`` (which a pool's writers may
+  have to wait for) has little left to do. A hint only: it promises nothing, raises nothing, and
+  its counters may lose a count when threads write at once.
 * **Zeroing vs. punching.** After :meth:`zero_blocks` the blocks read as zeros, guaranteed.
   :meth:`punch_blocks` only gives space back (for *free* blocks) and says whether it could; what the
   blocks read afterwards is unspecified on block devices (discard), zeros on files.
@@ -95,6 +101,9 @@ BLKDISCARD = _ioc(0, 0x12, 119, 0)  # u64 range[2] = {start, length}
 BLKZEROOUT = _ioc(0, 0x12, 127, 0)  # u64 range[2] = {start, length}
 _RANGE = struct.Struct("=QQ")
 
+# <linux/fs.h>: sync_file_range flags
+SYNC_FILE_RANGE_WRITE = 2   # start write-back of the range's dirty pages; do not wait
+
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -107,38 +116,59 @@ _UNSUPPORTED = frozenset(
 # EPERM are what some kernels return for special files).
 _COPY_FALLBACK = _UNSUPPORTED | {errno.EXDEV, errno.EBADF, errno.EPERM}
 
+# Early write-back: after this many bytes written through a device, their write-back starts
+# (see "Early write-back" in the module docstring).
+WRITEBACK_BYTES = 32 << 20
 _CHUNK = 1 << 20  # bytes per user-space copy or zero-fill step
 _ZEROS = bytes(_CHUNK)
 _MAX_COPY = 1 << 30  # bytes per copy_file_range call (the kernel caps a call near 2 GiB anyway)
 
 _NOT_LOOKED_UP = object()
 _fallocate_fn: object = _NOT_LOOKED_UP
+_sync_file_range_fn: object = _NOT_LOOKED_UP
+
+
+def _libc_function(name: str, argtypes: list, *alternatives: str) -> Callable[..., int] | None:
+    """libc's function ``name`` (or the first of ``alternatives`` it has), None where there is none.
+
+    The process's own symbols first: find_library runs ldconfig in a child process, and a fork
+    from a FUSE request's thread can deadlock (the child's closing of an inherited descriptor
+    of the FUSE file waits for a lock that request holds)."""
+    for lib in (None, "find"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") if lib else None, use_errno=True)
+        except OSError:
+            continue
+        for symbol in (*alternatives, name):
+            fn = getattr(libc, symbol, None)
+            if fn is not None:
+                fn.argtypes = argtypes
+                fn.restype = ctypes.c_int
+                return fn
+    return None
 
 
 def _libc_fallocate() -> Callable[..., int] | None:
     """libc's 64-bit-offset ``fallocate``, or None where there is none (looked up once)."""
     global _fallocate_fn
     if _fallocate_fn is _NOT_LOOKED_UP:
-        fn = None
-        # The process's own symbols first: find_library runs ldconfig in a child process, and
-        # a fork from a FUSE request's thread can deadlock (the child's closing of an inherited
-        # descriptor of the FUSE file waits for a lock that request holds).
-        for lib in (None, "find"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") if lib else None,
-                                   use_errno=True)
-            except OSError:
-                continue
-            for name in ("fallocate64", "fallocate"):
-                fn = getattr(libc, name, None)
-                if fn is not None:
-                    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-                    fn.restype = ctypes.c_int
-                    break
-            if fn is not None:
-                break
-        _fallocate_fn = fn
+        _fallocate_fn = _libc_function(
+            "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], "fallocate64")
     return _fallocate_fn  # type: ignore[return-value]
+
+
+def _start_writeback(fd: int) -> None:
+    """``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``: start writing the dirty pages of
+    the whole file back, without waiting for them. A hint: where libc has no such call, or
+    the call fails, nothing happens (the error of a failed write-back is reported by the next
+    ``fdatasync``, which waits for it: this call does not consume it)."""
+    global _sync_file_range_fn
+    if _sync_file_range_fn is _NOT_LOOKED_UP:
+        _sync_file_range_fn = _libc_function(
+            "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+    fn = _sync_file_range_fn
+    if fn is not None:
+        fn(fd, 0, 0, SYNC_FILE_RANGE_WRITE)   # type: ignore[operator]
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -211,6 +241,7 @@ class DataDevice:
         self._dirty = False
         self._sync_lock = threading.Lock()   # one fdatasync at a time (see sync)
         self._sync_error: ThinpoolError | None = None   # kept by sync_ahead for sync to raise
+        self._unstarted = 0       # bytes written since the last early write-back started
         self.size = 0
         self.nr_blocks = 0
         self._refresh_size()
@@ -488,6 +519,10 @@ class DataDevice:
             self._dirty = True    # after the call (see sync)
         if n != len(data):
             self._pwrite(off + n, memoryview(data).cast("B")[n:])
+        else:
+            self._unstarted += n          # _written, inline: the hot path
+            if self._unstarted >= WRITEBACK_BYTES:
+                self._written(0)
 
     def zero_around(self, block: int, lo: int, hi: int) -> None:
         """Make bytes [0, lo) and [hi, block_size) of ``block`` read as zeros (the caller is
@@ -658,6 +693,16 @@ class DataDevice:
                                  "write", offset) from exc
         finally:
             self._dirty = True    # after the calls (see sync)
+        self._written(length)
+
+    def _written(self, length: int) -> None:
+        """Count ``length`` bytes written towards the next early write-back, starting it when
+        they reach :data:`WRITEBACK_BYTES` (all of the device's dirty pages: the kernel finds
+        them by their tags, so the cost does not grow with the device)."""
+        self._unstarted += length
+        if self._unstarted >= WRITEBACK_BYTES:
+            self._unstarted = 0
+            _start_writeback(self._fd)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         zeros = memoryview(_ZEROS)
@@ -674,9 +719,11 @@ class DataDevice:
             self._copy_file_range_ok = False
             return 0
         try:
-            return self._copy_range(copy_file_range, src_off, dst_off, length)
+            done = self._copy_range(copy_file_range, src_off, dst_off, length)
         finally:
             self._dirty = True    # after the calls (see sync)
+        self._written(done)
+        return done
 
     def _copy_range(self, copy_file_range, src_off: int, dst_off: int, length: int) -> int:
         done = 0
