@@ -28,10 +28,11 @@ each request into a reused buffer, one ``sendmsg`` of header and data per reply,
 ``Volume.read_into`` for large reads (straight into the reply buffer; it took three of the four
 user-space copies out of the read path, which moved nbdcopy out from about 0.6x to 0.8-1.0x
 qemu-nbd raw in a one-off script while this was built). An asyncio variant was not built or
-measured. A cProfile of nbdcopy into a new volume shows ``pwrite`` of the data (the file system
+measured. A cProfile of nbdcopy into a new volume showed ``pwrite`` of the data (the file system
 allocating the sparse data file's blocks) as the largest cost, then waits for the pool's mutex
-while the periodic commit fsynced the data under it (since 4601744 that fsync runs before the
-commit takes the mutex; bench/README.md has the figures), then the socket.
+while the periodic commit fsynced the data under it; since the data device starts the write-back
+of its dirty pages every 32 MiB written (thinpool/data/device.py, "Early write-back"), a commit
+finds little left to sync (bench/README.md has the figures before and after).
 """
 
 from __future__ import annotations
