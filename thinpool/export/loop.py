@@ -37,7 +37,8 @@ from pathlib import Path
 from ..errors import BusyError, ExportError, MissingDependency
 
 _TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
-_PACKAGES = {"losetup": "util-linux", "umount": "mount", "mount": "mount"}
+_PACKAGES = {"losetup": "util-linux", "umount": "mount", "mount": "mount",
+             "mkfs.ext4": "e2fsprogs", "mkfs.xfs": "xfsprogs"}
 _SYS_BLOCK = Path("/sys/block")
 _POLL = 0.01
 
