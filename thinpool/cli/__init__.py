@@ -12,6 +12,8 @@ Layout:
 * ``mapping.py`` map, diff (a volume's mappings in bytes; two volumes' differing ranges)
 * ``adopt.py``   adopt (an existing dm-thin metadata/data pair as a pool)
 * ``exports.py`` serve (the pool's volumes over NBD, in the foreground or as a daemon; --stop)
+* ``runtime.py`` snapshotter serve (containerd's proxy snapshotter), runtime, image, container,
+                 volume (the container runtime backend)
 * ``safety.py``  what commands check before they write a file they are given (a pool's own
                  files are refused, a non-empty output needs a yes) and how they write it
 
@@ -38,7 +40,7 @@ import signal
 import sys
 
 COMMAND_MODULES = ("pools", "volumes", "info", "data", "tools", "mapping", "adopt",
-                   "exports")
+                   "exports", "runtime")
 
 #: Every exit code the command line uses, with its meaning (README.md lists the same).
 EXIT_CODES = {0: "success", 1: "failure", 2: "bad usage or argument",

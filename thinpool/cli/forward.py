@@ -35,7 +35,9 @@ from thinpool.errors import BusyError
 
 #: The commands a pool's ``thinpool serve`` runs for other processes.
 FORWARDED = frozenset({"create", "snapshot", "delete", "rename", "resize", "configure",
-                       "revert", "merge", "discard"})
+                       "revert", "merge", "discard",
+                       # the container runtime's groups (cli/runtime.py)
+                       "runtime", "image", "container", "volume"})
 #: Output a forwarded command may send back (the control socket's line limit is 64 KiB).
 MAX_OUTPUT = 16 << 10
 
@@ -44,11 +46,14 @@ class Forward(Exception):
     """Raised by the session instead of opening a pool its ``thinpool serve`` holds; the
     command line sends the command there (:func:`forward`)."""
 
-    def __init__(self, pool_dir: Path, pid: int, home: Path):
+    def __init__(self, pool_dir: Path, pid: int, home: Path, argv: list[str] | None = None):
         super().__init__(f"pool {pool_dir} is held by thinpool serve {pid}")
         self.pool_dir = pool_dir
         self.pid = pid
         self.home = home
+        #: The command line to send instead of this process's own (its paths made absolute:
+        #: the serving process runs in ``/``).
+        self.argv = argv
 
 
 @dataclass
@@ -95,6 +100,8 @@ def forward(args: list[str], f: Forward, confirmed: bool) -> int:
 
     from . import output
     sub, debug = command_args(args)
+    if f.argv is not None:
+        sub = list(f.argv)
     answer = ask(f.pool_dir, {"op": "run", "argv": sub, "home": str(Path(f.home).absolute()),
                               "debug": debug, "confirmed": confirmed})
     if "exit_code" in answer and "stdout" in answer:

@@ -86,7 +86,8 @@ class Daemon:
         self._stop = threading.Event()
         self._control: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._mutex = threading.Lock()                 # control requests one at a time
+        self._mutex = threading.RLock()   # control requests one at a time (re-entered by a
+        #                                   forwarded command that attaches: attach_volume)
         self._made: list[str] = []                     # files to remove at stop
         self._log_handler: logging.Handler | None = None
         self.started = 0.0
@@ -287,6 +288,8 @@ class Daemon:
                         return self.run_command(request, self)
                     finally:
                         self.write_state()        # volumes may have come or gone
+                        if self.options.stop_when_detached and not self.attachments:
+                            self.request_stop()   # started for that command, which left nothing
                 if op == "detach":
                     name = request.get("volume")
                     if name not in self.attachments:
@@ -317,6 +320,23 @@ class Daemon:
         if not uses:
             return None
         return " and ".join(uses) + f" (thinpool serve, process {os.getpid()})"
+
+    def attach_volume(self, name: str, read_only: bool = False) -> str:
+        """Attach volume ``name`` (as the ``attach`` request does, for code of this process:
+        the runtime's snapshotter); its loop device."""
+        with self._mutex:
+            return self._attach(name, read_only)
+
+    def detach_volume(self, name: str) -> None:
+        """Detach volume ``name`` if it is attached (BusyError while its device is in use).
+        Unlike the ``detach`` request, never stops the daemon."""
+        with self._mutex:
+            if name in self.attachments:
+                self._detach(name)
+
+    def attached_device(self, name: str) -> str | None:
+        att = self.attachments.get(name)
+        return None if att is None else att.loop_device
 
     def _attach(self, name, read_only: bool) -> str:
         if not isinstance(name, str) or name not in self.server.export_names():

@@ -25,3 +25,31 @@ MKFS_TIMEOUT = 300.0
 def make_filesystem(fs_type: str, device: str, options: list[str] | None = None) -> None:
     program, defaults = FILESYSTEMS[fs_type]
     loop.run([program, *defaults, *(options or []), device], timeout=MKFS_TIMEOUT)
+
+
+def mount(m, target, extra: list[str] | None = None) -> None:
+    """``mount -t TYPE [-o OPTIONS] SOURCE TARGET`` for a :class:`~thinpool.runtime.types.Mount`;
+    ExportError (mount's message) when it fails, and then nothing is mounted."""
+    opts = [*m.options, *(extra or [])]
+    loop.run(["mount", "-t", m.type, *(["-o", ",".join(opts)] if opts else []), m.source,
+              str(target)])
+
+
+def unmount(target, timeout: float = 30.0) -> None:
+    """Unmount ``target`` (BusyError while something there is in use: nothing changed)."""
+    from thinpool.errors import BusyError, ExportError
+    try:
+        loop.run(["umount", str(target)], timeout=timeout)
+    except ExportError as e:
+        if "busy" in (e.stderr or "").lower():
+            raise BusyError(f"{target} is in use ({(e.stderr or '').strip()}); close what uses "
+                            f"it and try again") from None
+        raise
+
+
+def mounted_at(device: str) -> list[str]:
+    """Where ``device`` is mounted now (from /proc/self/mounts), deepest first."""
+    import os
+    real = os.path.realpath(device)
+    found = [m.mountpoint for m in loop.mounts() if m.source == real or m.source == device]
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)

@@ -6,14 +6,16 @@ A :class:`RuntimeRecords` holds, in memory, the document of that file::
      "snapshots": {KEY: {"id", "kind", "parent", "volume", "labels", "created", "updated"}},
      "pending": [{"op": "prepare" | "remove", "key", "volume", ...}],
      "deferred": {VOLUME: {"key", "since"}},
-     "volumes": {NAME: {"volume", "size", "created"}}}
+     "volumes": {NAME: {"volume", "size", "created"}},
+     "images": {NAME: {"top", "layers", "created"}}}
 
 ``snapshots`` are containerd's snapshots by key (a committed snapshot's key is its name);
 ``pending`` are operations under way, written before the pool is changed, so that a crash
 leaves a record of what to finish or undo (:meth:`Snapshotter.reconcile
 <thinpool.runtime.snapshotter.Snapshotter.reconcile>`); ``deferred`` are volumes whose removal
 waits until their device is no longer busy (Docker devicemapper's deferred removal);
-``volumes`` are the data volumes (named, kept when containers go). Volume names are
+``volumes`` are the data volumes (named, kept when containers go); ``images`` the command line's
+images (``thinpool image import``: each the committed snapshot of its last layer). Volume names are
 ``rt-<id>`` for snapshots (ids only ever increase: ``next_id``) and ``rt-vol-<name>`` for data
 volumes, so the pool's other volumes are never the runtime's.
 
@@ -53,13 +55,13 @@ def _check(doc: dict) -> None:
         Kind[s["kind"].upper()]
     if not isinstance(doc["pending"], list) or not isinstance(doc["deferred"], dict):
         raise TypeError("pending")
-    if not isinstance(doc["volumes"], dict):
+    if not isinstance(doc["volumes"], dict) or not isinstance(doc.setdefault("images", {}), dict):
         raise TypeError("volumes")
 
 
 def empty() -> dict:
     return {"version": VERSION, "next_id": 1, "snapshots": {}, "pending": [], "deferred": {},
-            "volumes": {}}
+            "volumes": {}, "images": {}}
 
 
 class RuntimeRecords:
@@ -105,6 +107,12 @@ class RuntimeRecords:
     @property
     def volumes(self) -> dict[str, dict]:
         return self.doc["volumes"]
+
+    @property
+    def images(self) -> dict[str, dict]:
+        """The command line's images: name -> {"top": the committed snapshot of its last layer,
+        "layers": every layer's snapshot, "created"}."""
+        return self.doc["images"]
 
     def new_volume_name(self) -> tuple[int, str]:
         n = self.doc["next_id"]

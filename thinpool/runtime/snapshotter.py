@@ -100,24 +100,13 @@ class DaemonDevices:
         self.daemon = daemon
 
     def attach(self, volume: str, read_only: bool) -> str:
-        return self._answer(self.daemon.control(
-            {"op": "attach", "volume": volume, "read_only": read_only}))["loop_device"]
+        return self.daemon.attach_volume(volume, read_only)
 
     def detach(self, volume: str) -> None:
-        if volume in self.daemon.attachments:
-            self._answer(self.daemon.control({"op": "detach", "volume": volume}))
+        self.daemon.detach_volume(volume)
 
     def attached(self, volume: str) -> str | None:
-        att = self.daemon.attachments.get(volume)
-        return None if att is None else att.loop_device
-
-    @staticmethod
-    def _answer(a: dict) -> dict:
-        if a.get("ok"):
-            return a
-        code = a.get("exit_code", 1)
-        cls = {5: BusyError, 2: InvalidArgument}.get(code, ThinpoolError)
-        raise cls(a.get("error", "the export daemon failed"))
+        return self.daemon.attached_device(volume)
 
 
 class Snapshotter:
@@ -125,8 +114,6 @@ class Snapshotter:
                  options: RuntimeOptions | None = None):
         self.pool = pool
         self.devices = devices
-        self.options = options or RuntimeOptions()
-        self.options.check()
         self.records = rec.RuntimeRecords(Path(pool_dir))
         self.notes: list[str] = []
         self._lock = threading.RLock()
@@ -135,7 +122,27 @@ class Snapshotter:
         self._unsettled = True
         with self._lock:
             self.records.load()
+            # Given options, else those the pool's records keep (configure), else the defaults.
+            self.options = options or RuntimeOptions(**self.records.doc.get("options", {}))
+            self.options.check()
             self.reconcile()
+
+    def configure(self, **changes) -> RuntimeOptions:
+        """Change and keep (in the pool's runtime records) the options of this snapshotter and
+        of every later one of this pool; InvalidArgument for a bad value changes nothing."""
+        import dataclasses
+        with self._lock:
+            try:
+                new = dataclasses.replace(self.options, **changes)
+            except TypeError as e:
+                raise InvalidArgument(f"unknown runtime option: {e}") from None
+            new.check()
+            doc = self.records.snapshot_of_doc()
+            self.records.doc["options"] = dataclasses.asdict(new)
+            self._save(doc)
+            self._done()
+            self.options = new
+            return new
 
     @property
     def settled(self) -> bool:
@@ -285,6 +292,110 @@ class Snapshotter:
                     gone.append(v)
             return gone
 
+    def release(self, key: str) -> None:
+        """Detach the device of snapshot ``key`` if it has one (BusyError, nothing changed,
+        while something has it mounted): for callers that mount it themselves and are done
+        (the command line's containers); containerd never calls this."""
+        with self._lock:
+            self._settle()
+            s = self._get(key)
+            if self.devices is not None:
+                self.devices.detach(s["volume"])
+
+    # -- data volumes (named; kept when containers go) ---------------------------------------
+    def create_volume(self, name: str, size: int) -> None:
+        """A data volume ``name`` of ``size`` bytes with a fresh filesystem (as a parentless
+        prepare makes, crash-safe the same way); its device is left detached."""
+        from thinpool.registry import check_name
+        with self._lock:
+            self._settle()
+            check_name(name)
+            if name in self.records.volumes:
+                raise AlreadyExists(f"data volume {name!r} exists already")
+            volume = f"{rec.DATA_VOLUME_PREFIX}{name}"
+            if volume in self.pool.volumes():
+                raise AlreadyExists(f"pool {self.pool.name} has a volume {volume} already")
+            self._check_space(name)
+            doc = self.records.snapshot_of_doc()
+            self.records.pending.append({"op": "prepare", "key": f"volume {name}", "volume": volume})
+            self._save(doc)
+            try:
+                self.pool.create_thin(volume, size)
+                self.pool.commit()
+                if self.devices is not None:
+                    dev = self.devices.attach(volume, read_only=False)
+                    make_filesystem(self.options.fs_type, dev, self.options.mkfs_options)
+                    self.devices.detach(volume)
+            except BaseException:
+                self._undo_prepare(volume)
+                raise
+            doc = self.records.snapshot_of_doc()
+            self.records.volumes[name] = {"volume": volume, "size": size, "created": time.time()}
+            self.records.pending[:] = [p for p in self.records.pending if p["volume"] != volume]
+            self._save(doc)
+            self._done()
+
+    def volume_mount(self, name: str) -> Mount:
+        """What to mount for data volume ``name`` (its device attached if it is not)."""
+        with self._lock:
+            self._settle()
+            v = self._data_volume(name)
+            if self.devices is None:
+                raise InvalidArgument("this snapshotter has no block devices to mount")
+            dev = self.devices.attached(v["volume"]) or self.devices.attach(v["volume"], False)
+            return Mount(type=self.options.fs_type, source=dev,
+                         options=list(self.options.mount_options))
+
+    def release_volume(self, name: str) -> None:
+        with self._lock:
+            v = self._data_volume(name)
+            if self.devices is not None:
+                self.devices.detach(v["volume"])
+
+    def remove_volume(self, name: str) -> None:
+        with self._lock:
+            self._settle()
+            v = self._data_volume(name)
+            volume = v["volume"]
+            if self.devices is not None:
+                self.devices.detach(volume)          # BusyError while mounted: nothing changed
+            doc = self.records.snapshot_of_doc()
+            del self.records.volumes[name]
+            self.records.pending.append({"op": "remove", "key": f"volume {name}", "volume": volume})
+            self._save(doc)
+            self._delete_volume(volume)
+            self._clear_pending(volume)
+            self._done()
+
+    def _data_volume(self, name: str) -> dict:
+        v = self.records.volumes.get(name)
+        if v is None:
+            raise NotFound(f"data volume {name!r} does not exist")
+        return v
+
+    # -- images (the command line's, without containerd) --------------------------------------
+    def set_image(self, name: str, top: str, layers: list[str]) -> None:
+        with self._lock:
+            self._get(top, what="image layer")
+            doc = self.records.snapshot_of_doc()
+            self.records.images[name] = {"top": top, "layers": list(layers), "created": time.time()}
+            self._save(doc)
+            self._done()
+
+    def image(self, name: str) -> dict:
+        img = self.records.images.get(name)
+        if img is None:
+            raise NotFound(f"image {name!r} does not exist (thinpool image import makes one)")
+        return dict(img)
+
+    def remove_image(self, name: str) -> None:
+        with self._lock:
+            self.image(name)
+            doc = self.records.snapshot_of_doc()
+            del self.records.images[name]
+            self._save(doc)
+            self._done()
+
     # -- restart ------------------------------------------------------------------------------
     def reconcile(self) -> None:
         """Finish or undo what a crash left (see the module docstring). Idempotent."""
@@ -313,6 +424,16 @@ class Snapshotter:
             for v in list(r.deferred):
                 if v not in volumes:
                     del r.deferred[v]
+                    changed = True
+            for name, v in list(r.volumes.items()):
+                if v["volume"] not in volumes:
+                    del r.volumes[name]
+                    changed = True
+                    self.notes.append(f"data volume {name!r} lost its volume {v['volume']}; its "
+                                      f"record was dropped")
+            for name, img in list(r.images.items()):
+                if img["top"] not in r.snapshots:
+                    del r.images[name]
                     changed = True
             if changed:
                 self._save(doc)
