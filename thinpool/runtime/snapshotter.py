@@ -283,8 +283,9 @@ class Snapshotter:
         """Delete the runtime volumes no record owns and retry the deferred removals; the
         volumes deleted."""
         with self._lock:
-            self._settle()
-            gone = self._retry_deferred()
+            waiting = list(self.records.deferred)
+            self._settle()                         # (retries the deferred removals)
+            gone = [v for v in waiting if v not in self.records.deferred]
             owned = self.records.owned_volumes()
             for v in self.pool.volumes():
                 if rec.is_runtime_volume(v) and v not in owned:
