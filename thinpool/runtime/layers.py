@@ -30,12 +30,15 @@ The entries
   below: a path this layer has written (an entry's path, or a parent of one) stays, whether the
   marker comes before or after it in the tar. A directory that stays because this layer wrote
   beneath it keeps its metadata, and what the lower layers had in it goes. A whiteout of a
-  missing path is no error; the whiteout entry itself is not created. Names starting
-  ``.wh..wh.`` other than the opaque marker are markers of other tools (aufs) and are skipped.
+  missing path is no error; the whiteout entry itself is not created. An entry named
+  ``.wh..wh.*`` other than the opaque marker, or beneath one, is another tool's (aufs's
+  ``.wh..wh.plnk``) and is skipped.
 
 Safety
 ------
-Nothing is written, removed or linked outside ``root``. Every path is resolved component by
+Nothing is written, removed or linked outside ``root``. Entry names are relative to it (leading
+``./``, ``.`` and empty components are dropped; ``.`` is the root, which only a directory entry
+may name, to set its metadata). Every path is resolved component by
 component from a descriptor of the root with ``O_NOFOLLOW`` (never through a symbolic link, even
 one pointing inside the root), and every change is an ``*at`` call on the parent's descriptor
 that does not follow the last component. Refused with :class:`~thinpool.errors.InvalidLayer`
