@@ -18,6 +18,8 @@ from thinpool.runtime.layers import LayerStats, apply_layer
 from tests.runtime.layer_helpers import MTIME, E, can_mknod, compress, snapshot, tar_bytes, wh
 
 NS = 1_000_000_000
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="applying layers sets owners and "
+                                                          "makes devices: needs root")
 
 
 def apply(root, entries, how=None):

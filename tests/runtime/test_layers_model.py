@@ -29,6 +29,8 @@ from thinpool.runtime.layers import LayerStats, apply_layer, diff_layer
 from tests.runtime.layer_helpers import E, can_mknod, snapshot, tar_bytes, wh
 
 NS = 1_000_000_000
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="applying layers sets owners and "
+                                                          "makes devices: needs root")
 
 
 # ---- the model ----

@@ -92,7 +92,7 @@ class Decoded:
             return self._inner.read(n)
         except _SourceError as e:
             raise e.error from None
-        except InvalidLayer:
+        except (InvalidLayer, MemoryError):
             raise
         except Exception as e:  # only the decompressor's own errors get here
             raise InvalidLayer(None, f"damaged {self.what} stream: {e}") from e
