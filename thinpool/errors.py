@@ -25,6 +25,20 @@ class InvalidArgument(ThinpoolError, ValueError):
     exit_code = 2
 
 
+class InvalidLayer(InvalidArgument):
+    """An image layer tar that is malformed or unsafe to apply (thinpool.runtime.layers): a bad
+    header or compressed stream, an entry that would write outside the root (an absolute path,
+    ``..``, a symbolic link as a parent), a hard link to a missing path. ``entry`` is the tar
+    entry's name as written in the tar (None when the tar broke between entries) and ``reason``
+    what is wrong with it; the message says both."""
+
+    def __init__(self, entry: str | None, reason: str):
+        where = f"layer entry {entry!r}" if entry is not None else "layer"
+        super().__init__(f"{where}: {reason}")
+        self.entry = entry
+        self.reason = reason
+
+
 class NotFound(ThinpoolError, LookupError):
     """A pool, volume or device id that does not exist."""
 
