@@ -217,6 +217,8 @@ class Session:
         (:mod:`.forward`)."""
         from . import forward
         ctx = click.get_current_context(silent=True)
+        while ctx is not None and ctx.parent is not None and ctx.parent.parent is not None:
+            ctx = ctx.parent            # a group's subcommand goes by its group's name
         return (ctx is not None and ctx.info_name in forward.FORWARDED and pid is not None
                 and self._served_by(name, pid) is not None)
 

@@ -66,22 +66,38 @@ def runtime_of(session: Session, name: str, argv: list[str] | None = None):
         return
     path = session.require_pool(name)
     if argv is not None:
-        from thinpool.export.daemon import ServeOptions
-        from thinpool.export.state import read_state
-
-        from .exports import _start_background
-        if read_state(path) is None:
-            session.refuse_if_busy(name)
-            _start_background(session, name, path, ServeOptions(stop_when_detached=True),
-                              quiet=True)
-        state = read_state(path)
-        raise forward.Forward(path, state["pid"] if state else 0, session.home, argv=argv)
+        raise forward.Forward(path, _serving_pid(session, name, path), session.home, argv=argv)
     from thinpool.runtime.snapshotter import Snapshotter
     with session.pool(name, write=True) as pool:
         snap = Snapshotter(pool, path, None)
         for note in snap.notes:
             output.note(f"pool {name}: {note}")
         yield snap
+
+
+def _serving_pid(session: Session, name: str, path: Path) -> int:
+    """The pid of the pool's serving process, one started in the background when none runs
+    (after waiting for one that is stopping to be gone)."""
+    from thinpool.errors import ThinpoolError
+    from thinpool.export.daemon import ServeOptions
+    from thinpool.export.state import ask, pid_alive, read_state
+
+    from .exports import STOP_TIMEOUT, _start_background
+    state = read_state(path)
+    if state is not None:
+        try:
+            answer = ask(path, {"op": "status"})
+        except ThinpoolError:
+            answer = {}
+        if answer.get("ok") and not answer.get("stopping"):
+            return int(answer["pid"])
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while pid_alive(state["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    session.refuse_if_busy(name)
+    _start_background(session, name, path, ServeOptions(stop_when_detached=True), quiet=True)
+    state = read_state(path)
+    return int(state["pid"]) if state else 0
 
 
 # -- snapshotter serve -------------------------------------------------------------------------

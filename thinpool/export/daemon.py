@@ -169,6 +169,7 @@ class Daemon:
             "socket": self.socket_path, "tcp": self.tcp, "control": self.control_path,
             "read_only": srv.read_only, "commit_interval": self.options.commit_interval,
             "started": self.started, "uris": self.uris(),
+            "stopping": self._stop.is_set(),
             "volumes": [{"name": n, "read_only": srv.is_read_only(n), "nbd": True,
                          "attached": getattr(self.attachments.get(n), "loop_device", None)}
                         for n in srv.export_names()],
