@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.cli.helpers import assert_one_line_error, tp
-from tests.export.conftest import home  # noqa: F401  (a short home: socket paths)
 from tests.export.test_fuse import MISSING, sh
 from tests.export.test_serve_cli import kill_pid, state_pid
 from tests.tptools import assert_checks_pass, requires_tools
@@ -25,6 +26,16 @@ MiB = 1 << 20
 
 pytestmark = [pytest.mark.skipif(MISSING is not None, reason=f"runtime CLI tests: {MISSING}"),
               requires_tools]
+
+
+@pytest.fixture
+def home():
+    """A short home directory (the serving process's socket paths must stay under 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="tpr-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def layer(path: Path, entries: list[tuple[str, bytes | None]], gz: bool = False) -> Path:
