@@ -312,6 +312,8 @@ def test_proxy_snapshotter_nobody_listens_on_is_unavailable(two_layer_tar, recor
         import_image(c, ns, two_layer_tar.path)
         out = run_rm(c, ns, two_layer_tar.ref, "still", "cat /etc/added.txt").stdout
         assert out == "from layer 2\n"
+        with pytest.raises(AssertionError, match="not reachable.*: unavailable"):
+            c.wait_snapshotter(timeout=1.0)
     finally:
         c.stop()
     assert c.leftovers() == []
