@@ -25,7 +25,7 @@ def readme_commands() -> list[str]:
 def test_readme_keeps_its_two_commands():
     first, second = readme_commands()
     assert first.startswith("pip install . && ")
-    assert second == "pip install -e '.[test,fuse]' && python -m pytest -q"
+    assert second == "pip install -e '.[test,fuse,runtime]' && python -m pytest -q"
 
 
 def _checkout_copy(dest: Path) -> None:

@@ -48,8 +48,8 @@ from thinpool.locking import process_command
 
 from .nbd import NBDServer
 from .state import (CONTROL_NAME, LOG_NAME, MAX_REQUEST, PID_NAME, RUN_NAME,  # noqa: F401
-                    SOCKET_NAME, STATE_NAME, ask, check_socket_path, nbd_uri, pid_alive,
-                    read_state)
+                    SOCKET_NAME, STATE_NAME, ask, check_socket_path, clear_stale_socket, nbd_uri,
+                    pid_alive, read_state)
 
 if TYPE_CHECKING:
     from thinpool.pool import Pool
@@ -101,7 +101,7 @@ class Daemon:
             self.server = NBDServer(self.pool, read_only=opts.read_only, exports=opts.exports,
                                     commit_interval=opts.commit_interval)
             for path in (self.socket_path, self.control_path):
-                _clear_stale_socket(path)
+                clear_stale_socket(path)
             self.server.listen_unix(self.socket_path)
             self._made.append(self.socket_path)
             if opts.tcp is not None:
@@ -379,22 +379,3 @@ def _fuse_module():
 
 def _error(e: ThinpoolError) -> dict:
     return {"ok": False, "error": str(e), "exit_code": e.exit_code}
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket a dead daemon left at ``path``; refuse a live one or another file."""
-    check_socket_path(path)
-    if not os.path.lexists(path):
-        return
-    import stat as stat_mod
-    if not stat_mod.S_ISSOCK(os.lstat(path).st_mode):
-        raise InvalidArgument(f"{path} exists and is not a socket; give another path")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError:
-        os.unlink(path)            # nobody listens: stale
-        return
-    finally:
-        s.close()
-    raise BusyError(f"something already listens on {path}; give another socket path")

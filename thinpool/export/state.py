@@ -5,7 +5,9 @@
 line, one JSON answer per line). :func:`read_state` reads the state and trusts it only while its
 pid holds the pool's writer lock (so a dead daemon's leftovers, or a pid reused since, count as
 nothing); :func:`ask` sends one control request. Both read and change nothing else; neither
-prints. Light on imports: ``thinpool stat`` and the busy message use it.
+prints. :func:`clear_stale_socket` removes a socket file a dead process left before a new server
+binds there (the daemon's, and the container runtime's gRPC service). Light on imports:
+``thinpool stat`` and the busy message use it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import socket
 from pathlib import Path
 
-from thinpool.errors import InvalidArgument, NotFound, ThinpoolError
+from thinpool.errors import BusyError, InvalidArgument, NotFound, ThinpoolError
 from thinpool.locking import writer_of
 
 PID_NAME = "serve.pid"
@@ -36,6 +38,27 @@ def check_socket_path(path) -> str:
                               f"than a Unix socket address holds ({SOCKET_PATH_MAX}): give a "
                               f"shorter one")
     return text
+
+
+def clear_stale_socket(path) -> None:
+    """Remove a socket a dead process left at ``path`` (nobody accepts on it); refuse a live one
+    (BusyError) or another kind of file (InvalidArgument). Nothing at ``path`` is fine."""
+    import os
+    import stat
+    path = check_socket_path(path)
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise InvalidArgument(f"{path} exists and is not a socket; give another path")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        os.unlink(path)            # nobody listens: stale
+        return
+    finally:
+        s.close()
+    raise BusyError(f"something already listens on {path}; give another socket path")
 
 
 def nbd_uri(name: str, socket_path: str | None = None, tcp: str | None = None) -> str:
