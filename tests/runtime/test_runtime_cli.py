@@ -70,6 +70,8 @@ def _wait_unserved(pool: Path, timeout: float = 30.0) -> None:
 
 
 def _cleanup(home: Path, mounts: list[Path]) -> None:
+    """After a failure: unmount the test's filesystems, kill the serving process by pid, detach
+    its loop devices and unmount its (dead) FUSE files."""
     for m in reversed(mounts):
         sh("umount", str(m), check=False)
     kill_pid(state_pid(home / "p"))
@@ -77,6 +79,10 @@ def _cleanup(home: Path, mounts: list[Path]) -> None:
     for line in out.splitlines():
         if str(home) in line:
             sh("losetup", "-d", line.split()[0], check=False)
+    with open("/proc/self/mounts") as f:
+        stale = [line.split()[1] for line in f if line.split()[1].startswith(str(home))]
+    for m in sorted(stale, key=len, reverse=True):
+        sh("umount", "-l", m, check=False)
 
 
 def test_images_containers_and_volumes(home, tmp_path, layers):

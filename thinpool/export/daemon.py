@@ -20,8 +20,9 @@ or the control socket); :meth:`Daemon.stop` then detaches every attached volume 
 first), stops the NBD server (which commits), commits, and removes the pid file, the state file
 and the sockets. The pool stays open: the caller closes it.
 
-Files a dead daemon left (a pid file, a state file, sockets) are stale: :func:`read_state`
-ignores them (the state counts only while its pid holds the pool's writer lock) and a new daemon
+Files a dead daemon left (a pid file, a state file, sockets) are stale, and so are the FUSE
+mounts and loop devices of its attachments under ``POOL_DIR/run`` (:meth:`start` sweeps them
+away first: :func:`~thinpool.export.loop.sweep_run_dir`): :func:`read_state` ignores them (the state counts only while its pid holds the pool's writer lock) and a new daemon
 replaces them. A path that is something other than a socket is never removed.
 
 If :meth:`start` fails midway, what it had made (sockets, files, threads) is undone before the
@@ -98,6 +99,9 @@ class Daemon:
         self._start_log()
         try:
             self.pool.wait_for_space = True     # clients may free space: queue, as dm-thin does
+            from . import loop
+            for line in loop.sweep_run_dir(self.dir / RUN_NAME):    # a killed server's leftovers
+                log.warning("run directory: %s", line)
             self.server = NBDServer(self.pool, read_only=opts.read_only, exports=opts.exports,
                                     commit_interval=opts.commit_interval)
             for path in (self.socket_path, self.control_path):

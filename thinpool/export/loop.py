@@ -240,6 +240,44 @@ def unmount(path: os.PathLike | str, timeout: float) -> str:
     return "not mounted"
 
 
+def sweep_run_dir(run_dir: os.PathLike | str) -> list[str]:
+    """What a killed server left under its run directory: for each FUSE mountpoint there, the
+    loop devices over its file are detached (``losetup -d``; one still mounted somewhere goes
+    away once unmounted) and the dead FUSE filesystem is unmounted (lazily when it must be),
+    then the empty mountpoint removed. Call it only where no live process serves ``run_dir``
+    (the pool's writer lock says so). Returns one line per thing done, for the log."""
+    root = os.path.abspath(os.fspath(run_dir))
+    done = []
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return done
+    for name in entries:
+        where = os.path.join(root, name)
+        if is_mountpoint(where):
+            try:
+                files = os.listdir(where)
+            except OSError:           # ENOTCONN: its server is gone
+                files = [name]
+            for f in files:
+                for dev in loop_devices_of(os.path.join(where, f)):
+                    try:
+                        detach_loop(dev)
+                        done.append(f"detached {dev}")
+                    except ExportError as e:
+                        done.append(f"could not detach {dev}: {e}")
+            try:
+                done.append(f"unmounted {where} ({unmount(where, timeout=2.0)})")
+            except BusyError as e:
+                done.append(str(e))
+                continue
+        try:
+            os.rmdir(where)
+        except OSError:
+            pass
+    return done
+
+
 # -- signal dispositions that libfuse changes ----------------------------------------------------
 # libfuse's fuse_main installs its own exit handler for SIGHUP and SIGTERM where they are at
 # their default (a SIGTERM then lazily unmounts the FUSE file instead of ending the process, and

@@ -193,7 +193,7 @@ class Snapshotter:
                     child["parent"] = name
             self._save(doc)
             self.pool.set_read_only(volume, True)      # reconcile redoes it after a crash
-            self.pool.commit()
+            self._commit()
             self._done()
 
     def remove(self, key: str) -> None:
@@ -322,7 +322,7 @@ class Snapshotter:
             self._save(doc)
             try:
                 self.pool.create_thin(volume, size)
-                self.pool.commit()
+                self._commit()
                 if self.devices is not None:
                     dev = self.devices.attach(volume, read_only=False)
                     make_filesystem(self.options.fs_type, dev, self.options.mkfs_options)
@@ -480,10 +480,10 @@ class Snapshotter:
                 read_only = kind == Kind.VIEW
                 if origin is not None:
                     self.pool.snapshot(origin, volume, read_only=read_only)
-                    self.pool.commit()
+                    self._commit()
                 else:
                     self.pool.create_thin(volume, self.options.base_size)
-                    self.pool.commit()
+                    self._commit()
                     if self.devices is not None:
                         dev = self.devices.attach(volume, read_only=False)
                         make_filesystem(self.options.fs_type, dev, self.options.mkfs_options)
@@ -491,7 +491,7 @@ class Snapshotter:
                             self.devices.detach(volume)
                     if read_only:
                         self.pool.set_read_only(volume, True)
-                        self.pool.commit()
+                        self._commit()
                 mounts = (self._mounts(entry) if self.devices is not None else [])
             except BaseException:
                 self._undo_prepare(volume)
@@ -531,7 +531,7 @@ class Snapshotter:
         from thinpool.metadata.walker import MetadataReader
         from thinpool.snapshot.delta import delta
 
-        self.pool.commit()
+        self._commit()
         dev = self.pool.volume(volume).dev_id
         with MetadataReader(self.pool.metadata.bm.path) as reader:
             if parent_volume is None:
@@ -571,10 +571,16 @@ class Snapshotter:
             gone.append(volume)
         return gone
 
+    def _commit(self) -> None:
+        """Commit the pool's transaction and bring its names file up to date (so that other
+        processes reading the pool beside this one see the volumes as they are)."""
+        self.pool.commit()
+        self.pool.write_names()
+
     def _delete_volume(self, volume: str) -> None:
         if volume in self.pool.volumes():
             self.pool.delete(volume)
-            self.pool.commit()
+            self._commit()
 
     def _clear_pending(self, volume: str) -> None:
         doc = self.records.snapshot_of_doc()
