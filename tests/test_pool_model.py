@@ -234,7 +234,7 @@ class BigPoolMachine(PoolMachine):
     def big_volume(self, stride, count):
         """Every example starts with a volume of thousands of mappings (internal tree nodes)."""
         name = self._name()
-        size = 8192 * BS
+        size = 9216 * BS               # room for count * stride blocks (3 * 3000)
         self.pool.create_thin(name, size)
         self.model.create(name, size)
         vol = self.pool.volume(name)
