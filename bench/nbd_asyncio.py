@@ -270,7 +270,7 @@ class Connection(asyncio.BufferedProtocol):
                 buf[:rest] = buf[pos:end]
             self.inlen = rest
 
-    # -- handshake ----------------------------------------------------------------------------------
+    # -- handshake ---------------------------------------------------------------------------------
     def _opt_reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
         self.transport.write(w.OPTION_REPLY.pack(w.OPTION_REPLY_MAGIC, opt, rtype, len(data))
                              + data)
@@ -386,7 +386,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.write(self.reply[:16 + length])
 
 
-# -- the process ------------------------------------------------------------------------------------
+# -- the process -----------------------------------------------------------------------------------
 async def serve(home: Path, pool_name: str, vol_name: str, socket_path: str, use_executor: bool,
                 commit_interval: float, sndbuf: int = 0) -> None:
     pool = Pool.open(home / pool_name)

@@ -43,8 +43,9 @@ Workloads (the same requests against each server):
    it too grew by up to 2x over one busy run: a shared core's caches, the other vCPU's load).
 
 **Rounds alternate** (as ``_util.alternate`` does, with three baselines), 1 warm-up and 7 timed
-rounds per side: before each round of the thread server (warm-up included) its setup runs one round of each asyncio server, timed
-here, in an order that rotates every round, then empties the thread server's target. So a slow
+rounds per side: before each round of the thread server (warm-up included) its setup runs one
+round of each asyncio server, timed here, in an order that rotates every round, then empties the
+thread server's target. So a slow
 spell of this shared 2-CPU machine meets every side; the asyncio rounds are the baseline rows'
 ``times``.
 
