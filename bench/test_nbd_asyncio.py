@@ -45,9 +45,8 @@ Workloads (the same requests against each server):
 **Rounds alternate** (as ``_util.alternate`` does, with three baselines), 1 warm-up and 7 timed
 rounds per side: before each round of the thread server (warm-up included) its setup runs one
 round of each asyncio server, timed here, in an order that rotates every round, then empties the
-thread server's target. So a slow
-spell of this shared 2-CPU machine meets every side; the asyncio rounds are the baseline rows'
-``times``.
+thread server's target. So a slow spell of this shared 2-CPU machine meets every side; the
+asyncio rounds are the baseline rows' ``times``.
 
 Differences the probe has on purpose (see its docstring): no structured replies and no
 ``base:allocation``, so nbdcopy reads the whole volume out with simple replies instead of asking
