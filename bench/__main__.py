@@ -33,6 +33,9 @@ import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 HIGHER_IS_BETTER = {"MiB/s", "ops/s"}
+#: Units whose figure is not a time but the ``value`` a benchmark recorded (lower is better):
+#: peak memory (``MiB``), bytes a change used on disk (``KiB``).
+VALUE_UNITS = {"MiB", "KiB"}
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ def run_pytest(raw_json: pathlib.Path, expr: str | None, basetemp: str | None,
 def figure(side: dict, stats: dict) -> float:
     unit = side["unit"]
     median = stats["median"]
-    if unit == "MiB":
+    if unit in VALUE_UNITS:
         return float(side["value"])
     if unit == "MiB/s":
         return side["amount"] / median
@@ -151,6 +154,8 @@ def fmt_figure(value: float, unit: str) -> str:
         return f"{value:,.0f} {unit}"
     if unit == "MiB":
         return f"{value:,.1f} MiB"
+    if unit == "KiB":
+        return f"{value:,.0f} KiB"
     return f"{value:g} {unit}"
 
 

@@ -13,7 +13,8 @@ Units say how the runner turns a benchmark's median round time into the figure i
 * ``MiB/s``: ``amount`` MiB per round / median time (higher is better);
 * ``us/op``: median time / ``amount`` operations, in microseconds (lower is better);
 * ``ms`` / ``s``: the median round time itself (lower is better);
-* ``MiB``: not a time at all: ``value``, recorded by the benchmark (lower is better).
+* ``MiB``: not a time at all: ``value``, recorded by the benchmark (lower is better);
+* ``KiB``: the same, for sizes on disk (bytes a change used): ``value`` KiB, no ``amount``.
 """
 
 from __future__ import annotations
