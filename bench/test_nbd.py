@@ -21,15 +21,16 @@ Workloads (the same requests against each server, pinned to CPU 0 with the clien
    mode; the stride is co-prime to the slot count);
 11f. the same as writes (``-w``), into blocks the fill provisioned.
 
-nbdcopy opens 1 connection here (one CPU: nbdcopy uses as many as the CPUs it may run on).
+nbdcopy opens 2 connections here, pinned to one CPU as it is (``nbdcopy -v``: connections=2
+requests=64 threads=2).
 
 **The server's design** (thinpool/export/nbd.py): a thread per connection, blocking reads of
 each request into a reused buffer, one ``sendmsg`` of header and data per reply, and
 ``Volume.read_into`` for large reads (straight into the reply buffer; it took three of the four
 user-space copies out of the read path, which moved nbdcopy out from about 0.6x to 0.8-1.0x
-qemu-nbd raw in a one-off script while this was built). An asyncio variant was not built or
-measured. A cProfile of nbdcopy into a new volume showed ``pwrite`` of the data (the file system
-allocating the sparse data file's blocks) as the largest cost, then waits for the pool's mutex
+qemu-nbd raw in a one-off script while this was built). An asyncio variant is measured in
+bench/test_nbd_asyncio.py (workload 13): it does not beat the threads. A cProfile of nbdcopy
+into a new volume showed ``pwrite`` of the data (the file system allocating the sparse data file's blocks) as the largest cost, then waits for the pool's mutex
 while the periodic commit fsynced the data under it; since the data device starts the write-back
 of its dirty pages every 32 MiB written (thinpool/data/device.py, "Early write-back"), a commit
 finds little left to sync (bench/README.md has the figures before and after).

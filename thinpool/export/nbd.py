@@ -32,8 +32,11 @@ Contract:
   interleave); a timer thread commits. Pool I/O blocks (pread/pwrite/fsync, a wait for space) and the pool serialises
   metadata changes under its own mutex, so a thread per connection runs it directly; an asyncio
   loop would have to hand every request to a thread pool (a cross-thread hand-off each) or stall
-  every connection during an fsync or a wait for space. Not measured against an asyncio
-  variant: see bench/test_nbd.py for the figures against qemu-nbd.
+  every connection during an fsync or a wait for space. Measured against an asyncio probe
+  (bench/nbd_asyncio.py, workload 13 in bench/README.md): inline in the loop it tied the threads
+  where syncs are free and lost up to 1.5x on disk (it stops both of nbdcopy's connections at
+  every fsync), with a thread pool it lost 1.3-1.9x; bench/test_nbd.py has the figures against
+  qemu-nbd.
 * **Stopping.** :meth:`NBDServer.close` stops accepting, lets each connection finish the request
   it is in, closes them, joins the threads and commits. It leaves the pool open: its owner closes
   it. An exception from the final commit goes up after every thread has stopped.
