@@ -30,10 +30,10 @@ each request into a reused buffer, one ``sendmsg`` of header and data per reply,
 user-space copies out of the read path, which moved nbdcopy out from about 0.6x to 0.8-1.0x
 qemu-nbd raw in a one-off script while this was built). An asyncio variant is measured in
 bench/test_nbd_asyncio.py (workload 13): it does not beat the threads. A cProfile of nbdcopy
-into a new volume showed ``pwrite`` of the data (the file system allocating the sparse data file's blocks) as the largest cost, then waits for the pool's mutex
-while the periodic commit fsynced the data under it; since the data device starts the write-back
-of its dirty pages every 32 MiB written (thinpool/data/device.py, "Early write-back"), a commit
-finds little left to sync (bench/README.md has the figures before and after).
+into a new volume showed ``pwrite`` of the data (the file system allocating the sparse data
+file's blocks) as the largest cost, then waits for the pool's mutex while the periodic commit
+fsynced the data under it; since the data device starts the write-back of its dirty pages every
+32 MiB written (thinpool/data/device.py, "Early write-back"), a commit finds little left to sync (bench/README.md has the figures before and after).
 """
 
 from __future__ import annotations

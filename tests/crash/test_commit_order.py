@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-from pathlib import Path
 
 from thinpool import Pool
 from tests.crash.harness import Recorder, crash_image, file_of, snapshot_files, write_files
