@@ -87,8 +87,12 @@ class Daemon:
         self._stop = threading.Event()
         self._control: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._mutex = threading.RLock()   # control requests one at a time (re-entered by a
-        #                                   forwarded command that attaches: attach_volume)
+        self._mutex = threading.RLock()   # control requests one at a time
+        # Changes of the attachments. Taken after _mutex (a control request) or after the
+        # runtime snapshotter's lock (attach_volume/detach_volume from its gRPC calls), never
+        # before either: a forwarded command holds _mutex and may wait for the snapshotter's
+        # lock while a gRPC call holding that lock attaches.
+        self._attach_lock = threading.RLock()
         self._made: list[str] = []                     # files to remove at stop
         self._log_handler: logging.Handler | None = None
         self.started = 0.0
@@ -329,13 +333,12 @@ class Daemon:
     def attach_volume(self, name: str, read_only: bool = False) -> str:
         """Attach volume ``name`` (as the ``attach`` request does, for code of this process:
         the runtime's snapshotter); its loop device."""
-        with self._mutex:
-            return self._attach(name, read_only)
+        return self._attach(name, read_only)
 
     def detach_volume(self, name: str) -> None:
         """Detach volume ``name`` if it is attached (BusyError while its device is in use).
         Unlike the ``detach`` request, never stops the daemon."""
-        with self._mutex:
+        with self._attach_lock:
             if name in self.attachments:
                 self._detach(name)
 
@@ -344,6 +347,10 @@ class Daemon:
         return None if att is None else att.loop_device
 
     def _attach(self, name, read_only: bool) -> str:
+        with self._attach_lock:
+            return self._attach_locked(name, read_only)
+
+    def _attach_locked(self, name, read_only: bool) -> str:
         if not isinstance(name, str) or name not in self.server.export_names():
             raise NotFound(f"no volume {name!r} served from pool {self.pool.name}")
         if name in self.attachments:
@@ -364,6 +371,10 @@ class Daemon:
         return att.loop_device
 
     def _detach(self, name: str) -> None:
+        with self._attach_lock:
+            self._detach_locked(name)
+
+    def _detach_locked(self, name: str) -> None:
         att = self.attachments[name]
         att.close()
         del self.attachments[name]
