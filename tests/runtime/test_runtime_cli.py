@@ -177,6 +177,13 @@ def test_bad_layers_leave_no_image(home, tmp_path, layers):
         assert ls["images"] == []
         # The first layer is complete and stays (shared by a later import); nothing else.
         assert [s["kind"] for s in ls["snapshots"]] == ["committed"]
+        # Its volume is the runtime's: the volume commands refuse to change it behind its back.
+        vol = ls["snapshots"][0]["volume"]
+        for args in (("delete", f"p/{vol}"), ("rename", f"p/{vol}", "x"),
+                     ("revert", f"p/{vol}", vol)):
+            assert_one_line_error(tp(home, *args), 5, "belongs to the container runtime",
+                                  "snapshot 'sha256:")
+        assert vol in json.dumps(json.loads(tp(home, "stat", "p", "--json", check=0).out))
         r = tp(home, "runtime", "configure", "p", "--min-free-space", "100")
         assert_one_line_error(r, 2, "percentage")
     finally:

@@ -56,6 +56,7 @@ def delete(session: Session, target: Target) -> None:
     with session.pool(target.pool, write=True) as pool:
         vol = get_volume(pool, target)
         refuse_in_use(target.pool, target.volume)
+        refuse_runtime(session, target.pool, target.volume)
         mapped = vol.mapped_blocks
         pool.delete(target.volume)
     output.echo(f"deleted volume {target} ({mapped} mapped block{'' if mapped == 1 else 's'})")
@@ -86,6 +87,7 @@ def rename(session: Session, target: Target, new_name: str) -> None:
         get_volume(pool, target)
         refuse_existing_volume(pool, new)
         refuse_in_use(target.pool, target.volume)
+        refuse_runtime(session, target.pool, target.volume)
         vol = pool.rename(target.volume, new_name)
     output.echo(f"renamed {target} to {new} (device id {vol.dev_id}, {format_size(vol.size)})")
 
@@ -110,6 +112,7 @@ def revert(session: Session, target: Target, snap: str) -> None:
         old_id = old.dev_id
         get_volume(pool, snap_target)
         refuse_in_use(target.pool, target.volume)
+        refuse_runtime(session, target.pool, target.volume)
         vol = pool.revert(target.volume, snap_target.volume)
     output.echo(f"reverted {target} to snapshot {snap_target} (device id {old_id} deleted, now "
                 f"device id {vol.dev_id}, {format_size(vol.size)})")
@@ -132,6 +135,7 @@ def merge(session: Session, target: Target) -> None:
         get_volume(pool, target)
         origin = next((v.origin for v in pool.stat().volumes if v.name == target.volume), None)
         refuse_in_use(target.pool, target.volume, *([origin] if origin else []))
+        refuse_runtime(session, target.pool, target.volume, *([origin] if origin else []))
         vol = pool.merge(target.volume)
     output.echo(f"merged {target} into {Target(target.pool, vol.name)} (device id "
                 f"{vol.dev_id}, {format_size(vol.size)}); {target} is gone")
@@ -165,3 +169,15 @@ def _rename_pool(session: Session, old: str, new: str) -> None:
     except BusyError as e:
         raise session.busy(old, e.holder_pid) from e
     output.echo(f"renamed pool {old} to {new} ({session.pool_path(new)})")
+
+
+def refuse_runtime(session: Session, pool_name: str, *volumes: str) -> None:
+    """BusyError (exit 5) for a volume the container runtime owns (a snapshot, a data volume):
+    changing it behind the runtime's back would break its records and containerd's view."""
+    from thinpool.runtime.records import owner_of
+    path = session.require_pool(pool_name)
+    for name in volumes:
+        owner = owner_of(path, name)
+        if owner is not None:
+            raise BusyError(f"volume {pool_name}/{name} belongs to the container runtime ({owner}); "
+                            f"change it through containerd or 'thinpool container|image|volume'")

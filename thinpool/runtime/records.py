@@ -139,3 +139,25 @@ class RuntimeRecords:
 
 def is_runtime_volume(name: str) -> bool:
     return name.startswith(SNAPSHOT_PREFIX)
+
+
+def owner_of(pool_dir, volume: str) -> str | None:
+    """What in the runtime's records of the pool at ``pool_dir`` owns ``volume`` ("snapshot
+    KEY", "data volume NAME"), or None (no records, or not the runtime's). Reads only; records
+    that cannot be read own nothing here (the snapshotter reports them when it starts)."""
+    if not is_runtime_volume(volume):
+        return None
+    r = RuntimeRecords(pool_dir)
+    try:
+        r.load()
+    except ThinpoolError:
+        return None
+    for key, s in r.snapshots.items():
+        if s["volume"] == volume:
+            return f"snapshot {key!r}"
+    for name, v in r.volumes.items():
+        if v["volume"] == volume:
+            return f"data volume {name!r}"
+    if volume in r.owned_volumes():
+        return "an operation under way"
+    return None
