@@ -20,6 +20,7 @@ served.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 import signal
 import subprocess
@@ -122,27 +123,40 @@ def _serve_foreground(session: Session, name: str, path: Path, opts, ready_fd) -
         from .forward import run_held
         daemon = Daemon(pool, path, opts, run_command=run_held)
         daemon.start()
-        saved = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                saved[sig] = signal.signal(sig, lambda *_: daemon.request_stop())
-            uris = daemon.uris()
-            for uri in uris:
-                output.echo(uri)
-            if ready_fd is not None:
-                _say_ready(ready_fd, {"pid": os.getpid(), "uris": uris,
-                                      "socket": daemon.socket_path, "tcp": daemon.tcp})
-            else:
-                output.note(f"serving pool {name} (process {os.getpid()}); Ctrl-C or "
-                            f"'thinpool serve {name} --stop' stops it")
-            daemon.wait()
-        finally:
+        with stop_on_signals(daemon):          # (also while it stops: the handlers go last)
             try:
-                daemon.stop()
+                _announce(daemon, name, ready_fd)
+                daemon.wait()
             finally:
-                for sig, handler in saved.items():
-                    signal.signal(sig, handler)
+                daemon.stop()
     output.note(f"stopped serving pool {name}; everything written is committed")
+
+
+@contextmanager
+def stop_on_signals(daemon):
+    """SIGINT, SIGTERM and SIGHUP ask ``daemon`` to stop (its ``wait`` returns) while inside;
+    the handlers before are put back on the way out."""
+    saved = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, lambda *_: daemon.request_stop())
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _announce(daemon, name: str, ready_fd) -> None:
+    """The URIs on stdout, and to the starter's pipe (``--daemon``) or a note for people."""
+    uris = daemon.uris()
+    for uri in uris:
+        output.echo(uri)
+    if ready_fd is not None:
+        _say_ready(ready_fd, {"pid": os.getpid(), "uris": uris,
+                              "socket": daemon.socket_path, "tcp": daemon.tcp})
+    else:
+        output.note(f"serving pool {name} (process {os.getpid()}); Ctrl-C or "
+                    f"'thinpool serve {name} --stop' stops it")
 
 
 def _say_ready(fd: int, doc: dict) -> None:

@@ -22,7 +22,6 @@ served. Errors are the library's (exit 1, 2, 4, 5 as usual; "has children" and "
 from __future__ import annotations
 
 import os
-import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,6 +127,7 @@ def snapshotter_serve(session: Session, target: Target, socket_path: Path, worke
     from thinpool.runtime.grpc_service import serve as grpc_serve
     from thinpool.runtime.snapshotter import DaemonDevices, Snapshotter
 
+    from .exports import stop_on_signals
     from .forward import run_held
 
     path = session.require_pool(target.pool)
@@ -135,30 +135,24 @@ def snapshotter_serve(session: Session, target: Target, socket_path: Path, worke
         daemon = Daemon(pool, path, ServeOptions(), run_command=run_held)
         daemon.start()
         server = None
-        saved = {}
-        try:
-            snap = Snapshotter(pool, path, DaemonDevices(daemon))
-            daemon.runtime = snap
-            for note in snap.notes:
-                output.note(f"pool {target.pool}: {note}")
-            server = grpc_serve(snap, str(socket_path.absolute()), max_workers=workers)
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                saved[sig] = signal.signal(sig, lambda *_: daemon.request_stop())
-            output.echo(f"unix://{socket_path.absolute()}")
-            output.note(f"serving pool {target.pool} to containerd (process {os.getpid()}); "
-                        f"Ctrl-C stops it")
-            output.flush()
-            daemon.wait()
-        finally:
+        with stop_on_signals(daemon):          # (also while it stops: the handlers go last)
             try:
-                if server is not None:
-                    server.stop(grace=5).wait(10)
+                snap = Snapshotter(pool, path, DaemonDevices(daemon))
+                daemon.runtime = snap
+                for note in snap.notes:
+                    output.note(f"pool {target.pool}: {note}")
+                server = grpc_serve(snap, str(socket_path.absolute()), max_workers=workers)
+                output.echo(f"unix://{socket_path.absolute()}")
+                output.note(f"serving pool {target.pool} to containerd (process {os.getpid()}); "
+                            f"Ctrl-C stops it")
+                output.flush()
+                daemon.wait()
             finally:
                 try:
-                    daemon.stop()
+                    if server is not None:
+                        server.stop(grace=5).wait(10)
                 finally:
-                    for sig, handler in saved.items():
-                        signal.signal(sig, handler)
+                    daemon.stop()
     output.note(f"stopped serving pool {target.pool}; everything written is committed")
 
 

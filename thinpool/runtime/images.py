@@ -20,7 +20,6 @@ reusable), the image record is not written, and the error goes up.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import secrets
@@ -45,37 +44,24 @@ class LayerResult:
 
 
 def diff_id(path: Path) -> str:
-    """``sha256:<hex>`` of the layer's uncompressed tar (gzip and zstd are undone)."""
+    """``sha256:<hex>`` of the layer's uncompressed tar (decompressed as
+    :func:`~thinpool.runtime.layer_stream.decoded_layer` does for unpacking)."""
+    from .layer_stream import decoded_layer
     h = hashlib.sha256()
-    with _uncompressed(path) as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
-
-
-def _uncompressed(path: Path):
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise NotFound(f"layer {path} does not exist") from None
     except OSError as e:
         raise InvalidArgument(f"cannot read layer {path}: {e.strerror}") from None
-    head = f.read(4)
-    f.seek(0)
-    if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    if head == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard
-        except ImportError:
-            f.close()
-            raise InvalidArgument(f"layer {path} is zstd-compressed and the zstandard module is "
-                                  f"not installed") from None
-        return zstandard.ZstdDecompressor().stream_reader(f, closefd=True)
-    return f
+    with f:
+        decoded = decoded_layer(f)
+        while True:
+            chunk = decoded.read(_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
 
 
 def chain_id(parent_chain: str | None, diff: str) -> str:

@@ -34,7 +34,7 @@ from thinpool.runtime.layer_format import (
 def open_layer_tar(stream: BinaryIO) -> tuple[tarfile.TarFile, Decoded]:
     """The layer in ``stream`` as a TarFile in stream mode, and the decoded stream under it
     (read it to its end after the tar to have a compressed stream's checksum checked)."""
-    decoded = _decoded(stream)
+    decoded = decoded_layer(stream)
     try:
         tf = tarfile.open(fileobj=decoded, mode="r|", tarinfo=StrictTarInfo)
     except tarfile.TarError as e:
@@ -119,8 +119,9 @@ def _zstd_reader(src: _Source):
                                                       closefd=False)
 
 
-def _decoded(stream: BinaryIO) -> Decoded:
-    """The layer as a tar stream, decompressed as its first bytes say."""
+def decoded_layer(stream: BinaryIO) -> Decoded:
+    """The layer as a tar stream, decompressed as its first bytes say (also for a caller that
+    only wants the uncompressed bytes: an image's diff id is their sha256)."""
     head = _read_upto(stream, TAR_BLOCK)
     if not head:
         raise InvalidLayer(None, "the layer is empty (0 bytes): not a tar")

@@ -119,6 +119,10 @@ class RuntimeRecords:
         self.doc["next_id"] = n + 1
         return n, f"{SNAPSHOT_PREFIX}{n}"
 
+    def drop_pending(self, volume: str) -> None:
+        """Forget the operation under way on ``volume`` (in memory; the caller saves)."""
+        self.doc["pending"] = [p for p in self.pending if p["volume"] != volume]
+
     def owned_volumes(self) -> set[str]:
         """Every pool volume the records account for (snapshots, operations under way,
         deferred removals, data volumes)."""

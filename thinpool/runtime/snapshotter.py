@@ -186,11 +186,8 @@ class Snapshotter:
             entry = dict(s, kind="committed", updated=now, created=now)
             if labels:
                 entry["labels"] = {**s["labels"], **_labels(labels)}
-            del self.records.snapshots[key]
-            self.records.snapshots[name] = entry
-            for child in self.records.snapshots.values():     # (an active has no children)
-                if child["parent"] == key:
-                    child["parent"] = name
+            del self.records.snapshots[key]         # (an active has no children: no parent
+            self.records.snapshots[name] = entry    # links to follow)
             self._save(doc)
             self.pool.set_read_only(volume, True)      # reconcile redoes it after a crash
             self._commit()
@@ -223,10 +220,7 @@ class Snapshotter:
                                   f"is removed once it is free")
                 self._done()
                 return
-            self.records.pending.append({"op": "remove", "key": key, "volume": volume})
-            self._save(doc)
-            self._delete_volume(volume)
-            self._clear_pending(volume)
+            self._delete_recorded(doc, key, volume)
             self._done()
 
     def stat(self, key: str) -> Info:
@@ -332,7 +326,7 @@ class Snapshotter:
                 raise
             doc = self.records.snapshot_of_doc()
             self.records.volumes[name] = {"volume": volume, "size": size, "created": time.time()}
-            self.records.pending[:] = [p for p in self.records.pending if p["volume"] != volume]
+            self.records.drop_pending(volume)
             self._save(doc)
             self._done()
 
@@ -362,10 +356,7 @@ class Snapshotter:
                 self.devices.detach(volume)          # BusyError while mounted: nothing changed
             doc = self.records.snapshot_of_doc()
             del self.records.volumes[name]
-            self.records.pending.append({"op": "remove", "key": f"volume {name}", "volume": volume})
-            self._save(doc)
-            self._delete_volume(volume)
-            self._clear_pending(volume)
+            self._delete_recorded(doc, f"volume {name}", volume)
             self._done()
 
     def _data_volume(self, name: str) -> dict:
@@ -498,7 +489,7 @@ class Snapshotter:
                 raise
             doc = self.records.snapshot_of_doc()
             self.records.snapshots[key] = entry
-            self.records.pending[:] = [p for p in self.records.pending if p["volume"] != volume]
+            self.records.drop_pending(volume)
             self._save(doc)
             self._done()
             return mounts
@@ -563,10 +554,7 @@ class Snapshotter:
                 continue
             doc = self.records.snapshot_of_doc()
             key = self.records.deferred.pop(volume)["key"]
-            self.records.pending.append({"op": "remove", "key": key, "volume": volume})
-            self._save(doc)
-            self._delete_volume(volume)
-            self._clear_pending(volume)
+            self._delete_recorded(doc, key, volume)
             self._done()
             gone.append(volume)
         return gone
@@ -582,9 +570,18 @@ class Snapshotter:
             self.pool.delete(volume)
             self._commit()
 
+    def _delete_recorded(self, before: dict, key: str, volume: str) -> None:
+        """Delete ``volume`` the crash-safe way: the records (changed by the caller since
+        ``before``) saved with the removal pending, the volume deleted and committed, the pending
+        record cleared."""
+        self.records.pending.append({"op": "remove", "key": key, "volume": volume})
+        self._save(before)
+        self._delete_volume(volume)
+        self._clear_pending(volume)
+
     def _clear_pending(self, volume: str) -> None:
         doc = self.records.snapshot_of_doc()
-        self.records.pending[:] = [p for p in self.records.pending if p["volume"] != volume]
+        self.records.drop_pending(volume)
         self._save(doc)
 
     def _save(self, before: dict) -> None:
